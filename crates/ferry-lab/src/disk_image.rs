@@ -1,0 +1,1 @@
+//! Realistic disk images (placeholder, being written).
