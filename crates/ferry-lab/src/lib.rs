@@ -1,2 +1,10 @@
 //! The lab: sites as network namespaces, a user-space WAN emulator between them, guest images.
+pub mod control;
 pub mod disk_image;
+pub mod forwarder;
+pub mod lab;
+pub mod link;
+pub mod sys;
+pub mod tamper;
+pub mod topology;
+pub mod units;
