@@ -107,8 +107,8 @@ struct TamperArgs {
     /// Payload bytes of the flow to let through first.
     #[arg(long, default_value_t = 0)]
     after_bytes: u64,
-    /// XOR mask for the altered byte.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    /// XOR mask for the altered byte (decimal or 0x hex, non-zero).
+    #[arg(long, default_value = "0x01", value_parser = parse_xor_mask)]
     xor: u8,
 }
 
@@ -116,6 +116,16 @@ struct TamperArgs {
 pub struct DemoArgs {
     #[arg(long, default_value = "demo")]
     lab: String,
+}
+
+fn parse_xor_mask(text: &str) -> Result<u8> {
+    let v = match text.strip_prefix("0x") {
+        Some(hex) => u8::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .with_context(|| format!("xor mask {text:?}: expected a byte such as 0x20 or 32"))?;
+    anyhow::ensure!(v != 0, "xor mask 0 would change nothing");
+    Ok(v)
 }
 
 pub fn lab_config(name: &str, sites: &[String], with_client: bool, params: LinkParams, links: &[String]) -> Result<LabConfig> {
