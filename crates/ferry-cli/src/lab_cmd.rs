@@ -42,6 +42,11 @@ enum LabCommand {
     Link { link: String, state: LinkState },
     /// Alter one payload byte of a TCP flow in flight, fixing the TCP checksum (an active attacker).
     Tamper(TamperArgs),
+    /// Build (or find cached) the lab's guest images: the tiny bootable guest, and with --disk
+    /// the realistic Debian disk image in an older and a newer version.
+    Image(ImageArgs),
+    /// Probe a UDP echo service every INTERVAL and report replies, RTT and the longest gap.
+    Probe(ProbeArgs),
     /// The WAN emulator process (started by `up`).
     #[command(hide = true)]
     Forwarder {
@@ -113,10 +118,30 @@ struct TamperArgs {
 }
 
 #[derive(Args)]
-pub struct DemoArgs {
-    #[arg(long, default_value = "demo")]
-    lab: String,
+struct ImageArgs {
+    /// Where images are cached.
+    #[arg(long, default_value = ferry_lab::guest_image::DEFAULT_CACHE)]
+    cache: PathBuf,
+    /// Also build the 4 GiB Debian disk image and its newer version (needs the package mirror).
+    #[arg(long)]
+    disk: bool,
 }
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// ADDRESS:PORT of a UDP echo service.
+    target: std::net::SocketAddr,
+    /// Probe from inside this site (default: where ferry runs).
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    interval: std::time::Duration,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    #[arg(long)]
+    json: bool,
+}
+
 
 fn parse_xor_mask(text: &str) -> Result<u8> {
     let v = match text.strip_prefix("0x") {
@@ -178,9 +203,55 @@ pub fn run(args: LabArgs) -> Result<()> {
             lab::send(&name, &Request::Tamper(rule))?;
             println!("armed: the first TCP payload byte on {} after {} bytes will be XORed with {:#04x}", t.link, t.after_bytes, t.xor);
         }
+        LabCommand::Image(args) => image(&args)?,
+        LabCommand::Probe(args) => probe(&name, args)?,
         LabCommand::Forwarder { state } => ferry_lab::forwarder::run(&state)?,
     }
     Ok(())
+}
+
+fn image(args: &ImageArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let guest = ferry_lab::guest_image::build_guest_image(&args.cache)?;
+    println!("guest kernel  {} ({})", guest.kernel.display(), guest.kernel_version);
+    println!("guest initrd  {} ({:.1} s)", guest.initrd.display(), t.elapsed().as_secs_f64());
+    if args.disk {
+        let spec = ferry_lab::disk_image::DiskImageSpec { cache_dir: args.cache.clone(), ..Default::default() };
+        let disks = ferry_lab::disk_image::build_disk_images(&spec)?;
+        println!("disk older    {}", disks.older.display());
+        println!("disk newer    {}", disks.newer.display());
+        println!("{}", serde_json::to_string_pretty(&disks.report)?);
+    }
+    Ok(())
+}
+
+fn probe(lab_name: &str, args: ProbeArgs) -> Result<()> {
+    if let Some(site) = &args.from {
+        ferry_lab::sys::require_root("ferry lab probe --from")?;
+        let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+        let mut argv = vec![exe, "lab".into(), "probe".into(), args.target.to_string()];
+        argv.extend(["--interval".into(), units::format_duration(args.interval), "--duration".into(), units::format_duration(args.duration)]);
+        if args.json {
+            argv.push("--json".into());
+        }
+        let err = lab::command_in_site(lab_name, site, &argv)?.exec();
+        return Err(err).context("running the probe in the site");
+    }
+    let r = ferry_lab::probe::run_probe(args.target, args.interval, args.duration)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_probe(&r);
+    }
+    Ok(())
+}
+
+pub fn print_probe(r: &ferry_lab::probe::ProbeReport) {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
+    println!(
+        "probe {}: sent {} received {} lost {} · rtt median {} max {} · longest gap {}",
+        r.target, r.sent, r.received, r.lost, ms(r.rtt_median_ms), ms(r.rtt_max_ms), ms(r.longest_gap_ms)
+    );
 }
 
 fn print_sites(cfg: &LabConfig) {
@@ -202,7 +273,7 @@ fn print_sites(cfg: &LabConfig) {
     }
 }
 
-fn print_status(s: &LabStatus) {
+pub fn print_status(s: &LabStatus) {
     println!("lab {} — forwarder pid {}, up {:.0} s", s.lab, s.forwarder_pid, s.uptime_secs);
     println!(
         "{:<18} {:>4} {:>10} {:>14} {:>10} {:>8} {:>8} {:>8} {:>16}",
@@ -222,8 +293,4 @@ fn print_status(s: &LabStatus) {
             format!("{}/{}", d.queue_packets, d.queue_bytes)
         );
     }
-}
-
-pub fn demo(_args: DemoArgs) -> Result<()> {
-    anyhow::bail!("the demo is not built yet")
 }

@@ -1,4 +1,5 @@
 //! `ferry`: moves running VMs between sites over long, untrusted links.
+mod demo;
 mod lab_cmd;
 
 use clap::{Parser, Subcommand};
@@ -15,7 +16,7 @@ enum Command {
     /// Emulated inter-cloud sites and WAN links on this machine, for tests and benchmarks.
     Lab(lab_cmd::LabArgs),
     /// Bring up two sites 100 ms apart, boot a guest in one, show it running, tear down.
-    Demo(lab_cmd::DemoArgs),
+    Demo(demo::DemoArgs),
 }
 
 fn main() {
@@ -26,7 +27,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lab(args) => lab_cmd::run(args),
-        Command::Demo(args) => lab_cmd::demo(args),
+        Command::Demo(args) => demo::run(args),
     };
     if let Err(e) = result {
         eprintln!("ferry: error: {e:#}");
