@@ -1,0 +1,271 @@
+//! The receiving side: for each announced round, place what it already holds (the cut
+//! transfer's staging, its older copy, a base, any committed object) and WANT the rest; verify
+//! every arriving chunk against its ID before writing it; ACK a round when all of it is in
+//! place; at DONE, check the object digest and only then commit by rename.
+use crate::catalog;
+use crate::compress::decompress_exact;
+use crate::local::LocalChunks;
+use crate::manifest::ObjectDigest;
+use crate::progress::Progress;
+use crate::scan::{Block, ChunkHasher};
+use crate::staging::Staging;
+use crate::wire::{self, block_of, Conn};
+use anyhow::{bail, Context, Result};
+use ferry_proto::{Chunking, Encoding, Message};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+pub struct ReceiverConfig {
+    pub data_dir: PathBuf,
+    pub tenant_key: [u8; 32],
+}
+
+/// What the connections of one session share.
+pub struct Session {
+    cfg: Arc<ReceiverConfig>,
+    transfer: Mutex<Option<Arc<Transfer>>>,
+}
+
+impl Session {
+    pub fn new(cfg: Arc<ReceiverConfig>) -> Arc<Self> {
+        Arc::new(Session { cfg, transfer: Mutex::new(None) })
+    }
+
+    fn current(&self, id: &[u8; 16]) -> Result<Arc<Transfer>> {
+        match &*self.transfer.lock().unwrap() {
+            Some(t) if &t.id == id => Ok(t.clone()),
+            _ => bail!("no open transfer with that id in this session"),
+        }
+    }
+}
+
+struct RoundState {
+    blocks: Vec<Block>,
+    /// Per block: still expected from the sender.
+    missing: Vec<bool>,
+    missing_count: u32,
+    reused: u32,
+    received: u32,
+}
+
+struct Transfer {
+    id: [u8; 16],
+    object: String,
+    staging: Staging,
+    local: LocalChunks,
+    hasher: ChunkHasher,
+    block: u32,
+    rounds: Mutex<BTreeMap<u64, RoundState>>,
+    progress: Progress,
+    data_dir: PathBuf,
+}
+
+/// Serves one connection of a session until the peer closes it or it fails.
+pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, mut stream) = conn.split();
+    let (out, _writer) = wire::spawn_writer(sink);
+    loop {
+        let msg = match stream.next().await {
+            None => return Ok(()),
+            Some(m) => m.context("reading from the sender")?,
+        };
+        match msg {
+            Message::Open { transfer, path, size, chunking, base } => {
+                let cfg = session.cfg.clone();
+                let opened = tokio::task::spawn_blocking(move || open_transfer(&cfg, transfer, &path, size, chunking, base.as_deref())).await?;
+                let reply = match opened {
+                    Ok(t) => {
+                        *session.transfer.lock().unwrap() = Some(Arc::new(t));
+                        Message::OpenAck { transfer, accepted: true, reason: String::new() }
+                    }
+                    Err(e) => Message::OpenAck { transfer, accepted: false, reason: format!("{e:#}") },
+                };
+                out.send(reply).await?;
+            }
+            Message::Announce { transfer, round, entries } => {
+                let t = session.current(&transfer)?;
+                let blocks: Vec<Block> = entries.iter().map(block_of).collect();
+                let (wanted, complete) = tokio::task::spawn_blocking(move || t.plan_round(round, blocks)).await??;
+                out.send(Message::Want { transfer, round, wanted }).await?;
+                if let Some((reused, received)) = complete {
+                    out.send(Message::Ack { transfer, round, reused, received }).await?;
+                }
+            }
+            Message::Chunk { transfer, round, index, id, encoding, raw_len, data } => {
+                let t = session.current(&transfer)?;
+                let done = tokio::task::spawn_blocking(move || t.place_chunk(round, index, &id, encoding, raw_len, &data)).await??;
+                if let Some((reused, received)) = done {
+                    out.send(Message::Ack { transfer, round, reused, received }).await?;
+                }
+            }
+            Message::Done { transfer, size, digest } => {
+                let t = session.current(&transfer)?;
+                session.transfer.lock().unwrap().take();
+                let t = Arc::try_unwrap(t).map_err(|_| anyhow::anyhow!("chunks still being placed at DONE"))?;
+                let result = tokio::task::spawn_blocking(move || t.finish(size, &digest)).await?;
+                let reply = match result {
+                    Ok(()) => Message::Committed { transfer, ok: true, digest, message: String::new() },
+                    Err(e) => Message::Committed { transfer, ok: false, digest, message: format!("{e:#}") },
+                };
+                out.send(reply).await?;
+            }
+            Message::Ping { nonce } => out.send(Message::Pong { nonce }).await?,
+            other => bail!("unexpected {} from the sender", other.kind()),
+        }
+    }
+}
+
+/// `path` names a file under the data directory: relative, no `..`.
+pub fn resolve(data_dir: &Path, path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if path.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) || path.starts_with(".ferry") {
+        bail!("{path:?} is not a valid destination path: give a relative path without '..'");
+    }
+    Ok(data_dir.join(p))
+}
+
+fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chunking: Chunking, base: Option<&str>) -> Result<Transfer> {
+    let Chunking::Fixed { block } = chunking else { bail!("only fixed-block chunking is supported for images so far") };
+    if block == 0 || block > 16 << 20 {
+        bail!("block size {block} out of range");
+    }
+    let dest = resolve(&cfg.data_dir, path)?;
+    let hasher = ChunkHasher::new(cfg.tenant_key);
+    let mut local = LocalChunks::default();
+    // The content store: every committed object whose index we kept (the older copy included).
+    for idx in catalog::all(&cfg.data_dir) {
+        if let Ok(p) = resolve(&cfg.data_dir, &idx.object) {
+            if p.exists() {
+                local.add_indexed(&p, &idx.blocks)?;
+            }
+        }
+    }
+    let indexed_dest = local.len();
+    if dest.exists() && indexed_dest == 0 {
+        local.add_file(&dest, block, &hasher)?;
+    }
+    if let Some(base) = base {
+        let base_path = resolve(&cfg.data_dir, base)?;
+        if !base_path.exists() {
+            bail!("base {base:?} does not exist at the destination");
+        }
+        local.add_file(&base_path, block, &hasher)?;
+    }
+    let staging = Staging::open(&dest, &id, size)?;
+    tracing::info!(object = path, size, local_chunks = local.len(), resumed = staging.resumed, "transfer opened");
+    Ok(Transfer { id, object: path.to_string(), staging, local, hasher, block, rounds: Mutex::new(BTreeMap::new()), progress: Progress::default(), data_dir: cfg.data_dir.clone() })
+}
+
+type RoundDone = Option<(u32, u32)>;
+
+impl Transfer {
+    fn plan_round(&self, round: u64, blocks: Vec<Block>) -> Result<(Vec<u32>, RoundDone)> {
+        if blocks.len() > 1 << 16 {
+            bail!("round {round} has too many blocks");
+        }
+        let mut wanted = Vec::new();
+        let mut missing = vec![false; blocks.len()];
+        let mut reused = 0u32;
+        let mut buf = vec![0u8; self.block as usize];
+        for (i, b) in blocks.iter().enumerate() {
+            if b.len == 0 || b.len > self.block {
+                bail!("block of {} bytes in round {round}", b.len);
+            }
+            let Some(id) = &b.id else {
+                self.staging.zero(b.offset, b.len as u64)?;
+                continue;
+            };
+            let data = &mut buf[..b.len as usize];
+            if self.staging.holds(b.offset, data, id, &self.hasher)? {
+                reused += 1;
+            } else if self.local.read(id, data, &self.hasher)? {
+                self.staging.write(b.offset, data)?;
+                reused += 1;
+            } else {
+                wanted.push(i as u32);
+                missing[i] = true;
+                continue;
+            }
+            self.progress.reused.fetch_add(b.len as u64, Relaxed);
+        }
+        let missing_count = wanted.len() as u32;
+        let mut rounds = self.rounds.lock().unwrap();
+        if rounds.contains_key(&round) {
+            bail!("round {round} announced twice");
+        }
+        rounds.insert(round, RoundState { blocks, missing, missing_count, reused, received: 0 });
+        Ok((wanted, (missing_count == 0).then_some((reused, 0))))
+    }
+
+    fn place_chunk(&self, round: u64, index: u32, id: &[u8; 32], encoding: Encoding, raw_len: u32, data: &[u8]) -> Result<RoundDone> {
+        let block = {
+            let rounds = self.rounds.lock().unwrap();
+            let r = rounds.get(&round).with_context(|| format!("chunk for unannounced round {round}"))?;
+            let b = *r.blocks.get(index as usize).with_context(|| format!("chunk index {index} outside round {round}"))?;
+            if !r.missing[index as usize] || b.id.as_ref() != Some(id) || b.len != raw_len {
+                bail!("chunk {index} of round {round} was not asked for or does not match its announcement");
+            }
+            b
+        };
+        let mut plain = Vec::new();
+        let bytes: &[u8] = match encoding {
+            Encoding::Raw => data,
+            Encoding::Zstd => {
+                decompress_exact(data, raw_len as usize, &mut plain)?;
+                &plain
+            }
+        };
+        if &self.hasher.id(bytes) != id {
+            bail!("chunk {index} of round {round} does not match its ID: refused");
+        }
+        self.staging.write(block.offset, bytes)?;
+        let mut rounds = self.rounds.lock().unwrap();
+        let r = rounds.get_mut(&round).unwrap();
+        if !std::mem::replace(&mut r.missing[index as usize], false) {
+            return Ok(None); // a duplicate that raced: already placed
+        }
+        r.missing_count -= 1;
+        r.received += 1;
+        Ok((r.missing_count == 0).then_some((r.reused, r.received)))
+    }
+
+    fn finish(self, size: u64, digest: &[u8; 32]) -> Result<()> {
+        if size != self.staging.size() {
+            bail!("DONE says {size} bytes, OPEN said {}", self.staging.size());
+        }
+        let rounds = self.rounds.into_inner().unwrap();
+        let mut ours = ObjectDigest::new(self.block, size);
+        let mut all_blocks = Vec::new();
+        let mut expected_offset = 0u64;
+        for (n, r) in &rounds {
+            if r.missing_count != 0 {
+                bail!("round {n} is incomplete at DONE ({} blocks missing): not committed", r.missing_count);
+            }
+            for b in &r.blocks {
+                if b.offset != expected_offset {
+                    bail!("the rounds leave a gap or overlap at byte {expected_offset}: not committed");
+                }
+                ours.add(b);
+                expected_offset += b.len as u64;
+                all_blocks.push(*b);
+            }
+        }
+        if expected_offset != size {
+            bail!("the rounds cover {expected_offset} of {size} bytes: not committed");
+        }
+        if &ours.finish() != digest {
+            bail!("the object digest does not match: not committed (the staging file is kept for a resume)");
+        }
+        catalog::forget(&self.data_dir, &self.object);
+        self.staging.commit()?;
+        catalog::record(&self.data_dir, &self.object, size, &all_blocks)?;
+        tracing::info!(object = %self.object, size, "committed");
+        Ok(())
+    }
+}

@@ -1,0 +1,152 @@
+//! Scanning an image into fixed, aligned blocks: holes and all-zero blocks become zero ranges
+//! (never read again, never sent), every other block is named by its BLAKE3 hash.
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+pub type ChunkId = [u8; 32];
+
+/// One aligned block of the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub offset: u64,
+    pub len: u32,
+    /// `None`: the range reads as zeros (a hole or zero bytes).
+    pub id: Option<ChunkId>,
+}
+
+/// The chunk identity: BLAKE3, keyed per tenant so chunk IDs say nothing across tenants and a
+/// guest cannot aim collisions at another tenant's data.
+#[derive(Clone)]
+pub struct ChunkHasher {
+    key: [u8; 32],
+}
+
+impl ChunkHasher {
+    pub fn new(tenant_key: [u8; 32]) -> Self {
+        ChunkHasher { key: tenant_key }
+    }
+    pub fn id(&self, data: &[u8]) -> ChunkId {
+        *blake3::keyed_hash(&self.key, data).as_bytes()
+    }
+}
+
+/// The data ranges of a file (SEEK_DATA/SEEK_HOLE), so holes are skipped without reading.
+pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(e).context("SEEK_DATA");
+        }
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(std::io::Error::last_os_error()).context("SEEK_HOLE");
+        }
+        ranges.push((start as u64, (end as u64).min(size)));
+        pos = end as u64;
+    }
+    Ok(ranges)
+}
+
+/// Walks a file block by block, calling `visit` for each block in order. Reads only the blocks
+/// that overlap data ranges; `buf` is reused (no allocation per block).
+pub fn scan_blocks(file: &File, size: u64, block: u32, hasher: &ChunkHasher, mut visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
+    let ranges = data_ranges(file, size)?;
+    let mut buf = vec![0u8; block as usize];
+    let mut next_range = 0;
+    let mut offset = 0u64;
+    while offset < size {
+        let len = (size - offset).min(block as u64) as u32;
+        let end = offset + len as u64;
+        while next_range < ranges.len() && ranges[next_range].1 <= offset {
+            next_range += 1;
+        }
+        let has_data = next_range < ranges.len() && ranges[next_range].0 < end;
+        let id = if has_data {
+            let data = &mut buf[..len as usize];
+            file.read_exact_at(data, offset).with_context(|| format!("reading block at {offset}"))?;
+            (!is_zero(data)).then(|| hasher.id(data))
+        } else {
+            None
+        };
+        visit(Block { offset, len, id })?;
+        offset = end;
+    }
+    Ok(())
+}
+
+pub fn is_zero(data: &[u8]) -> bool {
+    let (prefix, words, suffix) = unsafe { data.align_to::<u64>() };
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("ferry-scan-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn holes_and_zero_blocks_are_zero_ranges_and_data_is_hashed() {
+        let path = temp("holes");
+        let f = File::create(&path).unwrap();
+        f.set_len(1 << 20).unwrap(); // 1 MiB hole
+        f.write_all_at(&[7u8; 4096], 128 * 1024).unwrap(); // block 2 of 64 KiB
+        f.write_all_at(&[0u8; 65536], 256 * 1024).unwrap(); // explicit zeros: block 4
+        f.write_all_at(b"tail", (1 << 20) - 4).unwrap();
+        drop(f);
+        let f = File::open(&path).unwrap();
+        let h = ChunkHasher::new([1; 32]);
+        let mut blocks = vec![];
+        scan_blocks(&f, 1 << 20, 65536, &h, |b| {
+            blocks.push(b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(blocks.len(), 16);
+        let with_data: Vec<u64> = blocks.iter().filter(|b| b.id.is_some()).map(|b| b.offset / 65536).collect();
+        assert_eq!(with_data, vec![2, 15]);
+        let mut expect = vec![0u8; 65536];
+        expect[..4096].fill(7);
+        assert_eq!(blocks[2].id, Some(h.id(&expect)));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_short_last_block_keeps_its_length() {
+        let path = temp("short");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&[3u8; 100_000]).unwrap();
+        drop(f);
+        let f = File::open(&path).unwrap();
+        let mut blocks = vec![];
+        scan_blocks(&f, 100_000, 65536, &ChunkHasher::new([0; 32]), |b| {
+            blocks.push(b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(blocks.iter().map(|b| b.len).collect::<Vec<_>>(), vec![65536, 100_000 - 65536]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn keys_separate_tenants() {
+        assert_ne!(ChunkHasher::new([1; 32]).id(b"x"), ChunkHasher::new([2; 32]).id(b"x"));
+    }
+}
+
+/// A 32-byte key derived from `material` for `context` (BLAKE3's key derivation).
+pub fn derive_key(context: &str, material: &[u8]) -> [u8; 32] {
+    blake3::derive_key(context, material)
+}

@@ -1,0 +1,82 @@
+//! Sender and receiver over real loopback TCP connections (no TLS here: the agent adds it).
+use ferry_proto::FrameCodec;
+use ferry_transfer::progress::Progress;
+use ferry_transfer::receiver::{self, ReceiverConfig, Session};
+use ferry_transfer::sender::{self, SendSpec};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+const KEY: [u8; 32] = [42; 32];
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-engine-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_image(path: &Path, blocks: usize, seed: u8) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len((blocks * 65536) as u64).unwrap();
+    for i in 0..blocks {
+        if i % 3 == 0 {
+            continue; // hole
+        }
+        let b: Vec<u8> = (0..65536u32).map(|j| ((j / 7) as u8).wrapping_add(i as u8).wrapping_mul(if i % 5 == 0 { seed } else { 1 })).collect();
+        f.write_all_at(&b, (i * 65536) as u64).unwrap();
+    }
+}
+
+async fn transfer(data_dir: &Path, source: &Path, dest: &str, connections: usize) -> anyhow::Result<Arc<Progress>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let session = Session::new(Arc::new(ReceiverConfig { data_dir: data_dir.to_path_buf(), tenant_key: KEY }));
+    let server = tokio::spawn(async move {
+        for _ in 0..connections {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(receiver::serve(Framed::new(tcp, FrameCodec), session.clone()));
+        }
+    });
+    let mut conns = Vec::new();
+    for _ in 0..connections {
+        conns.push(Framed::new(TcpStream::connect(addr).await?, FrameCodec));
+    }
+    server.await?;
+    let progress = Arc::new(Progress::default());
+    let spec = SendSpec { source: source.into(), dest_path: dest.into(), base: None, block: 65536, zstd_level: 1, transfer: [7; 16], tenant_key: KEY };
+    sender::send(conns, spec, progress.clone()).await?;
+    Ok(progress)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_an_image_then_only_its_changes() {
+    let d = dir("delta");
+    let (src, data) = (d.join("src.raw"), d.join("data"));
+    write_image(&src, 200, 3);
+    let p = transfer(&data, &src, "img.raw", 4).await.unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());
+    assert_eq!(p.reused.load(Relaxed), 0);
+    let first_wanted = p.wanted_raw.load(Relaxed);
+    assert!(first_wanted > 0);
+    assert!(p.sent_payload.load(Relaxed) < first_wanted / 3, "repetitive data compresses");
+
+    write_image(&src, 200, 9); // every 5th data block changes
+    let p = transfer(&data, &src, "img.raw", 3).await.unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());
+    let changed_blocks = (0..200).filter(|i| i % 3 != 0 && i % 5 == 0).count() as u64;
+    assert_eq!(p.wanted_raw.load(Relaxed), changed_blocks * 65536, "exactly the changed blocks were asked for");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_escaping_the_data_directory_is_refused() {
+    let d = dir("escape");
+    let src = d.join("src.raw");
+    write_image(&src, 2, 1);
+    let err = transfer(&d.join("data"), &src, "../outside.raw", 1).await.unwrap_err();
+    assert!(format!("{err:#}").contains("not a valid destination path"), "{err:#}");
+    assert!(!d.join("outside.raw").exists());
+}
