@@ -1,6 +1,7 @@
 //! `ferry`: moves running VMs between sites over long, untrusted links.
 mod demo;
 mod lab_cmd;
+mod transfer_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,14 @@ struct Cli {
 enum Command {
     /// Emulated inter-cloud sites and WAN links on this machine, for tests and benchmarks.
     Lab(lab_cmd::LabArgs),
+    /// Site certificates: a CA per deployment, a certificate per site.
+    #[command(subcommand)]
+    Pki(transfer_cmd::PkiCommand),
+    /// The per-site daemon: receives from other sites, sends for the local CLI.
+    Agent(transfer_cmd::AgentArgs),
+    /// Move disk images between sites.
+    #[command(subcommand)]
+    Image(transfer_cmd::ImageCommand),
     /// Bring up two sites 100 ms apart, boot a guest in one, show it running, tear down.
     Demo(demo::DemoArgs),
 }
@@ -28,6 +37,9 @@ fn main() {
     let result = match cli.command {
         Command::Lab(args) => lab_cmd::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Pki(cmd) => transfer_cmd::pki(cmd),
+        Command::Agent(args) => transfer_cmd::agent(args),
+        Command::Image(cmd) => transfer_cmd::image(cmd),
     };
     if let Err(e) = result {
         eprintln!("ferry: error: {e:#}");

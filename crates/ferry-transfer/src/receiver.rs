@@ -71,9 +71,11 @@ where
     let (sink, mut stream) = conn.split();
     let (out, _writer) = wire::spawn_writer(sink);
     loop {
-        let msg = match stream.next().await {
-            None => return Ok(()),
-            Some(m) => m.context("reading from the sender")?,
+        let msg = match tokio::time::timeout(wire::IDLE_LIMIT, stream.next()).await {
+            Err(_) if session.transfer.lock().unwrap().is_none() => return Ok(()), // an idle spare connection
+            Err(_) => bail!("the sender sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),
+            Ok(None) => return Ok(()),
+            Ok(Some(m)) => m.context("reading from the sender")?,
         };
         match msg {
             Message::Open { transfer, path, size, chunking, base } => {
@@ -86,36 +88,45 @@ where
                     }
                     Err(e) => Message::OpenAck { transfer, accepted: false, reason: format!("{e:#}") },
                 };
-                out.send(reply).await?;
+                wire::queue(&out, reply).await?;
             }
             Message::Announce { transfer, round, entries } => {
                 let t = session.current(&transfer)?;
                 let blocks: Vec<Block> = entries.iter().map(block_of).collect();
                 let (wanted, complete) = tokio::task::spawn_blocking(move || t.plan_round(round, blocks)).await??;
-                out.send(Message::Want { transfer, round, wanted }).await?;
+                wire::queue(&out, Message::Want { transfer, round, wanted }).await?;
                 if let Some((reused, received)) = complete {
-                    out.send(Message::Ack { transfer, round, reused, received }).await?;
+                    wire::queue(&out, Message::Ack { transfer, round, reused, received }).await?;
                 }
             }
             Message::Chunk { transfer, round, index, id, encoding, raw_len, data } => {
                 let t = session.current(&transfer)?;
                 let done = tokio::task::spawn_blocking(move || t.place_chunk(round, index, &id, encoding, raw_len, &data)).await??;
                 if let Some((reused, received)) = done {
-                    out.send(Message::Ack { transfer, round, reused, received }).await?;
+                    wire::queue(&out, Message::Ack { transfer, round, reused, received }).await?;
                 }
             }
             Message::Done { transfer, size, digest } => {
                 let t = session.current(&transfer)?;
                 session.transfer.lock().unwrap().take();
                 let t = Arc::try_unwrap(t).map_err(|_| anyhow::anyhow!("chunks still being placed at DONE"))?;
-                let result = tokio::task::spawn_blocking(move || t.finish(size, &digest)).await?;
+                let mut finishing = tokio::task::spawn_blocking(move || t.finish(size, &digest));
+                let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
+                let result = loop {
+                    tokio::select! {
+                        r = &mut finishing => break r?,
+                        _ = keepalive.tick() => wire::ping(&out),
+                    }
+                };
                 let reply = match result {
                     Ok(()) => Message::Committed { transfer, ok: true, digest, message: String::new() },
                     Err(e) => Message::Committed { transfer, ok: false, digest, message: format!("{e:#}") },
                 };
-                out.send(reply).await?;
+                wire::queue(&out, reply).await?;
             }
-            Message::Ping { nonce } => out.send(Message::Pong { nonce }).await?,
+            Message::Ping { nonce } => {
+                let _ = out.try_send(Message::Pong { nonce });
+            }
             other => bail!("unexpected {} from the sender", other.kind()),
         }
     }

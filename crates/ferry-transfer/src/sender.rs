@@ -90,12 +90,17 @@ where
     let (digest, round_count) = scanner.await.context("scanner panicked")??;
     let control = &mut conns[0];
     control.send(Message::Done { transfer: spec.transfer, size, digest }).await?;
-    // The receiver verifies and syncs a large file before it answers.
-    match tokio::time::timeout(Duration::from_secs(300), wire::next(control)).await.context("no COMMITTED from the destination")?? {
-        Message::Committed { ok: true, digest: theirs, .. } if theirs == digest => {}
-        Message::Committed { ok: true, .. } => bail!("the destination committed a different digest"),
-        Message::Committed { message, .. } => bail!("the destination did not commit: {message}"),
-        other => bail!("expected COMMITTED, got {}", other.kind()),
+    // The receiver verifies and syncs a large file before it answers, pinging meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let msg = tokio::time::timeout_at(deadline.into(), wire::next(control)).await.context("no COMMITTED from the destination")??;
+        match msg {
+            Message::Ping { .. } | Message::Pong { .. } => continue,
+            Message::Committed { ok: true, digest: theirs, .. } if theirs == digest => break,
+            Message::Committed { ok: true, .. } => bail!("the destination committed a different digest"),
+            Message::Committed { message, .. } => bail!("the destination did not commit: {message}"),
+            other => bail!("expected COMMITTED, got {}", other.kind()),
+        }
     }
     Ok(SendOutcome { size, digest: hex(&digest), rounds: round_count, seconds: started.elapsed().as_secs_f64() })
 }
@@ -145,6 +150,7 @@ impl ConnCtx {
         let (sink, mut stream) = conn.split();
         let (out, writer) = wire::spawn_writer(sink);
         let mut in_flight: HashMap<u64, Arc<Vec<Block>>> = HashMap::new();
+        let mut wanted_by_round: HashMap<u64, u64> = HashMap::new();
         let mut scan_done = false;
         let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
         while !(scan_done && in_flight.is_empty()) {
@@ -153,28 +159,34 @@ impl ConnCtx {
                     Some(r) => {
                         let entries = r.blocks.iter().map(wire::entry_of).collect();
                         in_flight.insert(r.number, Arc::new(r.blocks));
-                        out.send(Message::Announce { transfer: self.transfer, round: r.number, entries }).await?;
+                        wire::queue(&out, Message::Announce { transfer: self.transfer, round: r.number, entries }).await?;
                     }
                     None => scan_done = true,
                 },
                 msg = wire::next_timed(&mut stream) => match msg? {
                     Message::Want { round, wanted, .. } => {
                         let blocks = in_flight.get(&round).with_context(|| format!("WANT for unknown round {round}"))?.clone();
+                        let wanted_bytes: u64 = wanted.iter().filter_map(|&i| blocks.get(i as usize)).map(|b| b.len as u64).sum();
+                        wanted_by_round.insert(round, wanted_bytes);
                         self.serve_want(round, blocks, wanted, out.clone());
                     }
                     Message::Ack { round, .. } => {
                         let blocks = in_flight.remove(&round).with_context(|| format!("ACK for unknown round {round}"))?;
+                        let data: u64 = blocks.iter().filter(|b| b.id.is_some()).map(|b| b.len as u64).sum();
+                        let wanted = wanted_by_round.remove(&round).unwrap_or(0);
+                        // Data the receiver did not ask for it found locally.
+                        self.progress.reused.fetch_add(data.saturating_sub(wanted), Relaxed);
                         self.progress.acked.fetch_add(blocks.iter().map(|b| b.len as u64).sum(), Relaxed);
                     }
-                    Message::Pong { .. } => {}
+                    Message::Pong { .. } | Message::Ping { .. } => {}
                     Message::Error { message, .. } => bail!("the destination reported: {message}"),
                     other => bail!("unexpected {} from the destination", other.kind()),
                 },
-                _ = keepalive.tick() => out.send(Message::Ping { nonce: 0 }).await?,
+                _ = keepalive.tick() => wire::ping(&out),
             }
         }
         drop(out);
-        let sink = writer.await.context("writer panicked")??;
+        let sink = writer.finish().await?;
         Ok(sink.reunite(stream).expect("halves of one connection"))
     }
 

@@ -40,9 +40,10 @@ where
 }
 
 /// Spawns the connection's writer: messages queued on the returned sender go out in order;
-/// batches are flushed once the queue runs dry. Ends (returning the sink) when every sender
-/// is dropped.
-pub fn spawn_writer<S>(mut sink: Sink<S>) -> (mpsc::Sender<Message>, tokio::task::JoinHandle<Result<Sink<S>>>)
+/// batches are flushed once the queue runs dry. The writer ends (returning the sink) when every
+/// sender is dropped, and is aborted if its `Writer` is dropped first, so a connection that
+/// failed does not linger blocked on a dead socket.
+pub fn spawn_writer<S>(mut sink: Sink<S>) -> (mpsc::Sender<Message>, Writer<S>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -57,7 +58,40 @@ where
         }
         Ok(sink)
     });
-    (tx, task)
+    (tx, Writer { task: Some(task) })
+}
+
+pub struct Writer<S> {
+    task: Option<tokio::task::JoinHandle<Result<Sink<S>>>>,
+}
+
+impl<S> Writer<S> {
+    /// Waits until everything queued has been written; the senders must be dropped first.
+    pub async fn finish(mut self) -> Result<Sink<S>> {
+        self.task.take().expect("finished once").await.context("writer panicked")?
+    }
+}
+
+impl<S> Drop for Writer<S> {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Queues a message for the writer. A queue that stays full this long means the link stopped
+/// draining (a cut): an error, rather than a task blocked for as long as TCP keeps retrying.
+pub async fn queue(out: &mpsc::Sender<Message>, msg: Message) -> Result<()> {
+    match tokio::time::timeout(IDLE_LIMIT, out.send(msg)).await {
+        Err(_) => bail!("nothing could be sent for {} s: link cut?", IDLE_LIMIT.as_secs()),
+        Ok(r) => r.map_err(|_| anyhow::anyhow!("the connection's writer failed")),
+    }
+}
+
+/// A keepalive never waits: a full queue already keeps the peer busy.
+pub fn ping(out: &mpsc::Sender<Message>) {
+    let _ = out.try_send(Message::Ping { nonce: 0 });
 }
 
 pub fn entry_of(b: &Block) -> Entry {

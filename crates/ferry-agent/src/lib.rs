@@ -1,0 +1,5 @@
+//! The per-site agent: a TLS listener for other sites' sessions (receiving objects into its data
+//! directory) and a unix control socket through which the local CLI asks it to send.
+pub mod config;
+pub mod control;
+pub mod session;
