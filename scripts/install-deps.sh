@@ -13,7 +13,7 @@ qemu_ok() {
 }
 
 PKGS=(busybox-static cpio iproute2 debootstrap e2fsprogs iperf3 iputils-ping nftables
-      kmod linux-image-cloud-amd64 procps psmisc socat zstd rsync openssh-client openssh-server)
+      kmod linux-image-cloud-amd64 procps psmisc socat zstd rsync fonts-dejavu-core openssh-client openssh-server)
 
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -1,4 +1,5 @@
 //! `ferry`: moves running VMs between sites over long, untrusted links.
+mod bench_cmd;
 mod demo;
 mod lab_cmd;
 mod transfer_cmd;
@@ -24,6 +25,9 @@ enum Command {
     /// Move disk images between sites.
     #[command(subcommand)]
     Image(transfer_cmd::ImageCommand),
+    /// Benchmarks against today's tools in the lab (long: run by hand, not in CI).
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
     /// Bring up two sites 100 ms apart, boot a guest in one, show it running, tear down.
     Demo(demo::DemoArgs),
 }
@@ -37,6 +41,7 @@ fn main() {
     let result = match cli.command {
         Command::Lab(args) => lab_cmd::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
         Command::Pki(cmd) => transfer_cmd::pki(cmd),
         Command::Agent(args) => transfer_cmd::agent(args),
         Command::Image(cmd) => transfer_cmd::image(cmd),

@@ -1,0 +1,60 @@
+//! `ferry bench …`: ferry beside today's tools, same lab, same run; figures printed and kept.
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use ferry_bench::cold::{ColdBench, Method};
+use ferry_lab::units::{parse_duration, parse_rate_bps};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Move the 4 GiB disk image to a site holding its older version with scp, zstd|ssh, rsync
+    /// and ferry at each RTT; table, CSV, JSON and plots under --out.
+    Cold(ColdArgs),
+}
+
+#[derive(Args)]
+pub struct ColdArgs {
+    /// Round-trip times to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0ms,20ms,40ms,60ms,80ms,100ms,120ms,140ms,160ms,180ms,200ms", value_parser = parse_duration)]
+    rtts: Vec<Duration>,
+    #[arg(long, default_value = "1gbit", value_parser = parse_rate_bps)]
+    rate: u64,
+    /// Methods to run, comma-separated: scp, zstd-ssh, rsync, ferry, ferry-plaintext.
+    #[arg(long, value_delimiter = ',', default_value = "scp,zstd-ssh,rsync,ferry,ferry-plaintext", value_parser = Method::parse)]
+    methods: Vec<Method>,
+    /// Runs per RTT of each ferry method (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    ferry_runs: usize,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Scratch space for the destination's copies and the daemons' state.
+    #[arg(long, default_value = "/var/tmp/ferry-bench/cold")]
+    work: PathBuf,
+    #[arg(long, default_value = "bcold")]
+    lab: String,
+    /// A method slower than this fails the benchmark.
+    #[arg(long, default_value = "1800s", value_parser = parse_duration)]
+    method_timeout: Duration,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Cold(a) => {
+            let bench = ColdBench {
+                rtts: a.rtts,
+                rate_bps: a.rate,
+                methods: a.methods,
+                ferry_runs: a.ferry_runs.max(1),
+                out_dir: a.out,
+                work_dir: a.work,
+                ferry_exe: std::env::current_exe()?,
+                lab: a.lab,
+                method_timeout: a.method_timeout,
+            };
+            ferry_bench::cold::run(&bench)?;
+            println!("results in {}", bench.out_dir.display());
+            Ok(())
+        }
+    }
+}
