@@ -93,54 +93,57 @@ impl Identity {
     }
 }
 
-async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr, counter: &Arc<WireCounter>) -> Result<(BoxStream, String)> {
+async fn tcp_connect(to_site: &str, addr: SocketAddr) -> Result<TcpStream> {
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .with_context(|| format!("connecting to {to_site} at {addr}: timed out"))?
         .with_context(|| format!("connecting to {to_site} at {addr}"))?;
     tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: &Arc<WireCounter>) -> Result<BoxStream> {
     let counted = Counted { inner: tcp, counter: counter.clone() };
     match &identity.client {
-        None => Ok((Box::new(counted), to_site.to_string())),
+        None => Ok(Box::new(counted)),
         Some(cfg) => {
-            let (tls, peer) = ferry_pki::connect(cfg.clone(), to_site, counted).await?;
-            Ok((Box::new(tls), peer))
+            let (tls, _peer) = ferry_pki::connect(cfg.clone(), to_site, counted).await?;
+            Ok(Box::new(tls))
         }
     }
 }
 
-/// Opens a session to `to_site`: one connection first to measure the RTT, then as many more as
-/// the bandwidth-delay product needs.
+/// Opens a session to `to_site`. The first TCP handshake measures the RTT (a SYN and its
+/// answer: one round trip, at no extra cost); the connections the bandwidth-delay product needs
+/// are then dialled at once, and every connection's TLS handshake and HELLO run in parallel, so
+/// a session costs the same few round trips however many connections it has.
 pub async fn open(cfg: &AgentConfig, identity: &Identity, to_site: &str, counter: Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
     let addr = cfg.peer(to_site)?;
     let session: [u8; 16] = rand_bytes();
-    let mut first = hello(identity, to_site, addr, &counter, session, 0).await?;
-    let mut rtt = Duration::MAX;
-    for nonce in 0..3 {
-        let t = Instant::now();
-        first.send(Message::Ping { nonce }).await?;
-        match wire::next(&mut first).await? {
-            Message::Pong { .. } => rtt = rtt.min(t.elapsed()),
-            other => bail!("expected PONG, got {}", other.kind()),
-        }
-    }
+    let t = Instant::now();
+    let first = tcp_connect(to_site, addr).await?;
+    let rtt = t.elapsed();
     let n = connections_for(cfg.link_rate_bps, rtt);
     tracing::info!(to = to_site, rtt_ms = rtt.as_secs_f64() * 1e3, connections = n, "session planned");
-    let more = futures::future::try_join_all((1..n).map(|i| hello(identity, to_site, addr, &counter, session, i as u16))).await?;
+    let counter = &counter;
+    let first = hello(identity, to_site, first, counter, session, 0);
+    let more = (1..n).map(|i| async move {
+        let tcp = tcp_connect(to_site, addr).await?;
+        hello(identity, to_site, tcp, counter, session, i as u16).await
+    });
+    let (first, more) = futures::future::try_join(first, futures::future::try_join_all(more)).await?;
     let mut conns = vec![first];
     conns.extend(more);
     Ok((conns, rtt))
 }
 
-async fn hello(identity: &Identity, to_site: &str, addr: SocketAddr, counter: &Arc<WireCounter>, session: [u8; 16], index: u16) -> Result<Conn<BoxStream>> {
-    let (stream, _peer) = dial(identity, to_site, addr, counter).await?;
+/// Sends HELLO and hands the connection over at once: its HELLO-ACK (or refusal) is read with
+/// whatever the peer answers next, so the first request follows HELLO without a round trip.
+async fn hello(identity: &Identity, to_site: &str, tcp: TcpStream, counter: &Arc<WireCounter>, session: [u8; 16], index: u16) -> Result<Conn<BoxStream>> {
+    let stream = secure(identity, to_site, tcp, counter).await?;
     let mut conn = Framed::new(stream, FrameCodec::default());
     conn.send(Message::Hello { version: PROTOCOL_VERSION, min_version: PROTOCOL_VERSION, site: identity.site.clone(), session, connection_index: index, connection_count: 0 }).await?;
-    match wire::next(&mut conn).await? {
-        Message::HelloAck { .. } => Ok(conn),
-        Message::Error { message, .. } => bail!("{to_site} refused the session: {message}"),
-        other => bail!("expected HELLO-ACK from {to_site}, got {}", other.kind()),
-    }
+    Ok(conn)
 }
 
 fn rand_bytes<const N: usize>() -> [u8; N] {

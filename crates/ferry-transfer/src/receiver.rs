@@ -26,17 +26,27 @@ pub struct ReceiverConfig {
 /// What the connections of one session share.
 pub struct Session {
     cfg: Arc<ReceiverConfig>,
-    transfer: Mutex<Option<Arc<Transfer>>>,
+    transfer: tokio::sync::watch::Sender<Option<Arc<Transfer>>>,
+    /// Local copies run at once: the disk, not the thread count, sets the pace.
+    copy_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Session {
     pub fn new(cfg: Arc<ReceiverConfig>) -> Arc<Self> {
-        Arc::new(Session { cfg, transfer: Mutex::new(None) })
+        Arc::new(Session { cfg, transfer: tokio::sync::watch::Sender::new(None), copy_slots: Arc::new(tokio::sync::Semaphore::new(2)) })
     }
 
-    fn current(&self, id: &[u8; 16]) -> Result<Arc<Transfer>> {
-        match &*self.transfer.lock().unwrap() {
-            Some(t) if &t.id == id => Ok(t.clone()),
+    fn is_open(&self) -> bool {
+        self.transfer.borrow().is_some()
+    }
+
+    /// The open transfer with this id. The sender does not wait for OPEN-ACK before announcing,
+    /// so an ANNOUNCE on another connection can overtake the OPEN: wait for it, briefly.
+    async fn current(&self, id: &[u8; 16]) -> Result<Arc<Transfer>> {
+        let mut rx = self.transfer.subscribe();
+        let found = tokio::time::timeout(wire::IDLE_LIMIT, rx.wait_for(|t| t.as_ref().is_some_and(|t| &t.id == id))).await;
+        match found {
+            Ok(Ok(t)) => Ok(t.clone().expect("matched")),
             _ => bail!("no open transfer with that id in this session"),
         }
     }
@@ -47,6 +57,8 @@ struct RoundState {
     /// Per block: still expected from the sender.
     missing: Vec<bool>,
     missing_count: u32,
+    /// Blocks still being copied from local data.
+    local_pending: bool,
     reused: u32,
     received: u32,
 }
@@ -72,7 +84,7 @@ where
     let (out, _writer) = wire::spawn_writer(sink);
     loop {
         let msg = match tokio::time::timeout(wire::IDLE_LIMIT, stream.next()).await {
-            Err(_) if session.transfer.lock().unwrap().is_none() => return Ok(()), // an idle spare connection
+            Err(_) if !session.is_open() => return Ok(()), // an idle spare connection
             Err(_) => bail!("the sender sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),
             Ok(None) => return Ok(()),
             Ok(Some(m)) => m.context("reading from the sender")?,
@@ -83,7 +95,7 @@ where
                 let opened = tokio::task::spawn_blocking(move || open_transfer(&cfg, transfer, &path, size, chunking, base.as_deref())).await?;
                 let reply = match opened {
                     Ok(t) => {
-                        *session.transfer.lock().unwrap() = Some(Arc::new(t));
+                        session.transfer.send_replace(Some(Arc::new(t)));
                         Message::OpenAck { transfer, accepted: true, reason: String::new() }
                     }
                     Err(e) => Message::OpenAck { transfer, accepted: false, reason: format!("{e:#}") },
@@ -91,24 +103,51 @@ where
                 wire::queue(&out, reply).await?;
             }
             Message::Announce { transfer, round, entries } => {
-                let t = session.current(&transfer)?;
+                let t = session.current(&transfer).await?;
                 let blocks: Vec<Block> = entries.iter().map(block_of).collect();
-                let (wanted, complete) = tokio::task::spawn_blocking(move || t.plan_round(round, blocks)).await??;
+                let planner = t.clone();
+                let (wanted, local, complete) = tokio::task::spawn_blocking(move || planner.plan_round(round, blocks)).await??;
                 wire::queue(&out, Message::Want { transfer, round, wanted }).await?;
                 if let Some((reused, received)) = complete {
                     wire::queue(&out, Message::Ack { transfer, round, reused, received }).await?;
                 }
+                if !local.is_empty() {
+                    // The WANT is out; the local copies proceed off this connection's path.
+                    let (out, slots) = (out.clone(), session.copy_slots.clone());
+                    tokio::spawn(async move {
+                        let _slot = slots.acquire_owned().await;
+                        let copied = tokio::task::spawn_blocking(move || t.copy_local(round, local)).await;
+                        let result = match copied {
+                            Ok(Ok((failed, done))) => {
+                                let mut r = Ok(());
+                                if !failed.is_empty() {
+                                    r = wire::queue(&out, Message::Want { transfer, round, wanted: failed }).await;
+                                }
+                                if let (Ok(()), Some((reused, received))) = (&r, done) {
+                                    r = wire::queue(&out, Message::Ack { transfer, round, reused, received }).await;
+                                }
+                                r
+                            }
+                            Ok(Err(e)) => Err(e),
+                            Err(e) => Err(e.into()),
+                        };
+                        if let Err(e) = result {
+                            tracing::warn!(round, "copying local blocks failed: {e:#}");
+                            let _ = out.try_send(Message::Error { code: 2, message: format!("round {round}: {e:#}") });
+                        }
+                    });
+                }
             }
             Message::Chunk { transfer, round, index, id, encoding, raw_len, data } => {
-                let t = session.current(&transfer)?;
+                let t = session.current(&transfer).await?;
                 let done = tokio::task::spawn_blocking(move || t.place_chunk(round, index, &id, encoding, raw_len, &data)).await??;
                 if let Some((reused, received)) = done {
                     wire::queue(&out, Message::Ack { transfer, round, reused, received }).await?;
                 }
             }
             Message::Done { transfer, size, digest } => {
-                let t = session.current(&transfer)?;
-                session.transfer.lock().unwrap().take();
+                let t = session.current(&transfer).await?;
+                session.transfer.send_replace(None);
                 let t = Arc::try_unwrap(t).map_err(|_| anyhow::anyhow!("chunks still being placed at DONE"))?;
                 let mut finishing = tokio::task::spawn_blocking(move || t.finish(size, &digest));
                 let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
@@ -176,11 +215,14 @@ fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chun
 type RoundDone = Option<(u32, u32)>;
 
 impl Transfer {
-    fn plan_round(&self, round: u64, blocks: Vec<Block>) -> Result<(Vec<u32>, RoundDone)> {
+    /// Classifies a round without waiting on the disk (unless resuming, where the staging file
+    /// must be read): the blocks to WANT at once, and the blocks to copy from local data.
+    fn plan_round(&self, round: u64, blocks: Vec<Block>) -> Result<(Vec<u32>, Vec<u32>, RoundDone)> {
         if blocks.len() > 1 << 16 {
             bail!("round {round} has too many blocks");
         }
         let mut wanted = Vec::new();
+        let mut local = Vec::new();
         let mut missing = vec![false; blocks.len()];
         let mut reused = 0u32;
         let mut buf = vec![0u8; self.block as usize];
@@ -192,26 +234,52 @@ impl Transfer {
                 self.staging.zero(b.offset, b.len as u64)?;
                 continue;
             };
-            let data = &mut buf[..b.len as usize];
-            if self.staging.holds(b.offset, data, id, &self.hasher)? {
+            if self.staging.holds(b.offset, &mut buf[..b.len as usize], id, &self.hasher)? {
                 reused += 1;
-            } else if self.local.read(id, data, &self.hasher)? {
-                self.staging.write(b.offset, data)?;
-                reused += 1;
+                self.progress.reused.fetch_add(b.len as u64, Relaxed);
+            } else if self.local.contains(id) {
+                local.push(i as u32);
             } else {
                 wanted.push(i as u32);
                 missing[i] = true;
-                continue;
             }
-            self.progress.reused.fetch_add(b.len as u64, Relaxed);
         }
         let missing_count = wanted.len() as u32;
+        let local_pending = !local.is_empty();
         let mut rounds = self.rounds.lock().unwrap();
         if rounds.contains_key(&round) {
             bail!("round {round} announced twice");
         }
-        rounds.insert(round, RoundState { blocks, missing, missing_count, reused, received: 0 });
-        Ok((wanted, (missing_count == 0).then_some((reused, 0))))
+        rounds.insert(round, RoundState { blocks, missing, missing_count, local_pending, reused, received: 0 });
+        Ok((wanted, local, (missing_count == 0 && !local_pending).then_some((reused, 0))))
+    }
+
+    /// Copies a round's locally held blocks into the staging file (each read verified against
+    /// its ID); a block that fails verification is returned, to be wanted from the sender.
+    fn copy_local(&self, round: u64, local: Vec<u32>) -> Result<(Vec<u32>, RoundDone)> {
+        let blocks = self.rounds.lock().unwrap().get(&round).map(|r| r.blocks.clone()).with_context(|| format!("round {round} vanished"))?;
+        let mut buf = vec![0u8; self.block as usize];
+        let (mut copied, mut failed) = (0u32, Vec::new());
+        for i in local {
+            let b = &blocks[i as usize];
+            let data = &mut buf[..b.len as usize];
+            if self.local.read(b.id.as_ref().expect("local blocks have IDs"), data, &self.hasher)? {
+                self.staging.write(b.offset, data)?;
+                copied += 1;
+                self.progress.reused.fetch_add(b.len as u64, Relaxed);
+            } else {
+                failed.push(i);
+            }
+        }
+        let mut rounds = self.rounds.lock().unwrap();
+        let r = rounds.get_mut(&round).expect("checked above");
+        for &i in &failed {
+            r.missing[i as usize] = true;
+        }
+        r.missing_count += failed.len() as u32;
+        r.reused += copied;
+        r.local_pending = false;
+        Ok((failed, (r.missing_count == 0).then_some((r.reused, r.received))))
     }
 
     fn place_chunk(&self, round: u64, index: u32, id: &[u8; 32], encoding: Encoding, raw_len: u32, data: &[u8]) -> Result<RoundDone> {
@@ -243,7 +311,7 @@ impl Transfer {
         }
         r.missing_count -= 1;
         r.received += 1;
-        Ok((r.missing_count == 0).then_some((r.reused, r.received)))
+        Ok((r.missing_count == 0 && !r.local_pending).then_some((r.reused, r.received)))
     }
 
     fn finish(self, size: u64, digest: &[u8; 32]) -> Result<()> {
@@ -255,7 +323,7 @@ impl Transfer {
         let mut all_blocks = Vec::new();
         let mut expected_offset = 0u64;
         for (n, r) in &rounds {
-            if r.missing_count != 0 {
+            if r.missing_count != 0 || r.local_pending {
                 bail!("round {n} is incomplete at DONE ({} blocks missing): not committed", r.missing_count);
             }
             for b in &r.blocks {

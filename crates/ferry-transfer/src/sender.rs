@@ -20,9 +20,12 @@ use tokio::sync::{mpsc, Mutex};
 
 /// Blocks per round: 256 × 64 KiB = 16 MiB of object per ANNOUNCE (about 11 KB of IDs).
 pub const ROUND_BLOCKS: usize = 256;
-/// Rounds announced ahead of their ACK on one connection. IDs are cheap; this keeps the WANTs
+/// Rounds announced ahead of their ACK, per connection. IDs are cheap; this keeps the WANTs
 /// coming for a full RTT on a fast link.
 const ROUNDS_IN_FLIGHT: usize = 32;
+/// Compressed chunks waiting for a connection with room: enough to keep every socket fed,
+/// small enough that memory stays bounded (about 64 × 64 KiB).
+const CHUNK_QUEUE: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct SendSpec {
@@ -48,47 +51,72 @@ struct Round {
     blocks: Vec<Block>,
 }
 
-pub async fn send<S>(mut conns: Vec<Conn<S>>, spec: SendSpec, progress: Arc<Progress>) -> Result<SendOutcome>
+/// Sends one object over the session's connections. Rounds are announced on any connection;
+/// the chunks the receiver wants are read and compressed by a small worker pool into one
+/// queue that every connection drains as fast as its socket takes them, so a connection that
+/// got the data-heavy rounds never becomes the tail. OPEN and the first ANNOUNCEs go out
+/// without waiting for the answers (the receiver handles them in order), so the first WANT comes
+/// back one round trip after the connections are up.
+pub async fn send<S>(conns: Vec<Conn<S>>, spec: SendSpec, progress: Arc<Progress>) -> Result<SendOutcome>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();
+    anyhow::ensure!(!conns.is_empty(), "a session needs at least one connection");
     let file = Arc::new(File::open(&spec.source).with_context(|| format!("opening {}", spec.source.display()))?);
     let size = file.metadata()?.len();
-    let control = &mut conns[0];
-    control
-        .send(Message::Open {
-            transfer: spec.transfer,
-            path: spec.dest_path.clone(),
-            size,
-            chunking: Chunking::Fixed { block: spec.block },
-            base: spec.base.clone(),
-        })
-        .await?;
-    match wire::next(control).await? {
-        Message::OpenAck { accepted: true, .. } => {}
-        Message::OpenAck { reason, .. } => bail!("the destination refused the transfer: {reason}"),
-        other => bail!("expected OPEN-ACK, got {}", other.kind()),
-    }
-
+    let n = conns.len();
     let (round_tx, round_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
     let scanner = {
         let (file, progress, hasher) = (file.clone(), progress.clone(), ChunkHasher::new(spec.tenant_key));
         let block = spec.block;
         tokio::task::spawn_blocking(move || scan_into_rounds(&file, size, block, &hasher, &progress, round_tx))
     };
-    let rounds = Arc::new(Mutex::new(round_rx));
-    let mut tasks = Vec::new();
-    for conn in conns {
-        let ctx = ConnCtx { file: file.clone(), rounds: rounds.clone(), progress: progress.clone(), transfer: spec.transfer, level: spec.zstd_level };
-        tasks.push(tokio::spawn(ctx.run(conn)));
+    let (chunk_tx, chunk_rx) = mpsc::channel::<Message>(CHUNK_QUEUE);
+    let (want_tx, want_rx) = std::sync::mpsc::channel::<WantJob>();
+    let want_rx = Arc::new(std::sync::Mutex::new(want_rx));
+    let workers: Vec<_> = (0..compression_workers())
+        .map(|_| {
+            let (rx, out, file, progress, transfer, level) = (want_rx.clone(), chunk_tx.clone(), file.clone(), progress.clone(), spec.transfer, spec.zstd_level);
+            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level))
+        })
+        .collect();
+    drop(chunk_tx);
+    let (finished_tx, finished_rx) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        rounds: Mutex::new(round_rx),
+        window: Arc::new(tokio::sync::Semaphore::new(ROUNDS_IN_FLIGHT * n)),
+        in_flight: std::sync::Mutex::new(InFlight::default()),
+        chunks: Mutex::new(chunk_rx),
+        wants: want_tx,
+        progress: progress.clone(),
+        transfer: spec.transfer,
+        finished: finished_tx,
+    });
+    let open = Message::Open {
+        transfer: spec.transfer,
+        path: spec.dest_path.clone(),
+        size,
+        chunking: Chunking::Fixed { block: spec.block },
+        base: spec.base.clone(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let first = (i == 0).then(|| open.clone());
+        tasks.spawn(run_connection(i, conn, shared.clone(), finished_rx.clone(), first));
     }
-    let mut conns = Vec::new();
-    for t in tasks {
-        conns.push(t.await.context("connection task panicked")??);
+    let mut conns: Vec<Option<Conn<S>>> = (0..n).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        // The first connection to fail fails the attempt; the JoinSet aborts the others.
+        let (i, conn) = joined.context("connection task panicked")??;
+        conns[i] = Some(conn);
+    }
+    drop(shared);
+    for w in workers {
+        w.await.context("compression worker panicked")??;
     }
     let (digest, round_count) = scanner.await.context("scanner panicked")??;
-    let control = &mut conns[0];
+    let control = conns[0].as_mut().expect("connection 0 returned");
     control.send(Message::Done { transfer: spec.transfer, size, digest }).await?;
     // The receiver verifies and syncs a large file before it answers, pinging meanwhile.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -103,6 +131,11 @@ where
         }
     }
     Ok(SendOutcome { size, digest: hex(&digest), rounds: round_count, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Reading and compressing is the sender's CPU work; more workers than cores only adds threads.
+fn compression_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -134,90 +167,195 @@ fn scan_into_rounds(file: &File, size: u64, block: u32, hasher: &ChunkHasher, pr
     Ok((digest.finish(), number))
 }
 
-struct ConnCtx {
-    file: Arc<File>,
-    rounds: Arc<Mutex<mpsc::Receiver<Round>>>,
+struct WantJob {
+    round: u64,
+    blocks: Arc<Vec<Block>>,
+    wanted: Vec<u32>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    /// Announced, not yet acknowledged: the blocks, the bytes wanted, the window permit.
+    rounds: HashMap<u64, (Arc<Vec<Block>>, u64, Option<tokio::sync::OwnedSemaphorePermit>)>,
+    scan_done: bool,
+}
+
+/// What the connections of one send share.
+struct Shared {
+    rounds: Mutex<mpsc::Receiver<Round>>,
+    window: Arc<tokio::sync::Semaphore>,
+    in_flight: std::sync::Mutex<InFlight>,
+    chunks: Mutex<mpsc::Receiver<Message>>,
+    wants: std::sync::mpsc::Sender<WantJob>,
     progress: Arc<Progress>,
     transfer: [u8; 16],
-    level: i32,
+    finished: tokio::sync::watch::Sender<bool>,
 }
 
-impl ConnCtx {
-    async fn run<S>(self, conn: Conn<S>) -> Result<Conn<S>>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sink, mut stream) = conn.split();
-        let (out, writer) = wire::spawn_writer(sink);
-        let mut in_flight: HashMap<u64, Arc<Vec<Block>>> = HashMap::new();
-        let mut wanted_by_round: HashMap<u64, u64> = HashMap::new();
-        let mut scan_done = false;
-        let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
-        while !(scan_done && in_flight.is_empty()) {
-            tokio::select! {
-                round = next_round(&self.rounds), if !scan_done && in_flight.len() < ROUNDS_IN_FLIGHT => match round {
-                    Some(r) => {
-                        let entries = r.blocks.iter().map(wire::entry_of).collect();
-                        in_flight.insert(r.number, Arc::new(r.blocks));
-                        wire::queue(&out, Message::Announce { transfer: self.transfer, round: r.number, entries }).await?;
-                    }
-                    None => scan_done = true,
-                },
-                msg = wire::next_timed(&mut stream) => match msg? {
-                    Message::Want { round, wanted, .. } => {
-                        let blocks = in_flight.get(&round).with_context(|| format!("WANT for unknown round {round}"))?.clone();
-                        let wanted_bytes: u64 = wanted.iter().filter_map(|&i| blocks.get(i as usize)).map(|b| b.len as u64).sum();
-                        wanted_by_round.insert(round, wanted_bytes);
-                        self.serve_want(round, blocks, wanted, out.clone());
-                    }
-                    Message::Ack { round, .. } => {
-                        let blocks = in_flight.remove(&round).with_context(|| format!("ACK for unknown round {round}"))?;
-                        let data: u64 = blocks.iter().filter(|b| b.id.is_some()).map(|b| b.len as u64).sum();
-                        let wanted = wanted_by_round.remove(&round).unwrap_or(0);
-                        // Data the receiver did not ask for it found locally.
-                        self.progress.reused.fetch_add(data.saturating_sub(wanted), Relaxed);
-                        self.progress.acked.fetch_add(blocks.iter().map(|b| b.len as u64).sum(), Relaxed);
-                    }
-                    Message::Pong { .. } | Message::Ping { .. } => {}
-                    Message::Error { message, .. } => bail!("the destination reported: {message}"),
-                    other => bail!("unexpected {} from the destination", other.kind()),
-                },
-                _ = keepalive.tick() => wire::ping(&out),
+impl Shared {
+    /// The next round to announce, once the window has room; None when the scan is over.
+    async fn next_round(&self) -> Option<Round> {
+        let permit = self.window.clone().acquire_owned().await.ok()?;
+        let round = self.rounds.lock().await.recv().await;
+        let mut f = self.in_flight.lock().unwrap();
+        match round {
+            Some(r) => {
+                f.rounds.insert(r.number, (Arc::new(r.blocks.clone()), 0, Some(permit)));
+                Some(r)
+            }
+            None => {
+                f.scan_done = true;
+                self.check_finished(&f);
+                None
             }
         }
-        drop(out);
-        let sink = writer.finish().await?;
-        Ok(sink.reunite(stream).expect("halves of one connection"))
     }
 
-    /// Reads and compresses the wanted chunks off the async threads, queueing them for the
-    /// connection's writer (whose bounded queue is the back-pressure).
-    fn serve_want(&self, round: u64, blocks: Arc<Vec<Block>>, wanted: Vec<u32>, out: mpsc::Sender<Message>) {
-        let (file, progress, transfer, level) = (self.file.clone(), self.progress.clone(), self.transfer, self.level);
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut compressor = Compressor::new(level)?;
-            let mut buf = vec![0u8; blocks.first().map_or(0, |b| b.len as usize)];
-            for index in wanted {
-                let b = blocks.get(index as usize).with_context(|| format!("WANT index {index} outside round {round}"))?;
-                let Some(id) = b.id else { bail!("WANT for a zero range") };
-                buf.resize(b.len as usize, 0);
-                file.read_exact_at(&mut buf, b.offset)?;
-                let (encoding, data) = match compressor.compress(&buf)? {
-                    Some(z) => (Encoding::Zstd, bytes::Bytes::copy_from_slice(z)),
-                    None => (Encoding::Raw, bytes::Bytes::copy_from_slice(&buf)),
-                };
-                progress.wanted_raw.fetch_add(b.len as u64, Relaxed);
-                progress.sent_payload.fetch_add(data.len() as u64, Relaxed);
-                let msg = Message::Chunk { transfer, round, index, id, encoding, raw_len: b.len, data };
-                if out.blocking_send(msg).is_err() {
-                    break; // the connection is gone; its task reports why
-                }
-            }
-            Ok(())
-        });
+    fn want(&self, round: u64, wanted: Vec<u32>) -> Result<()> {
+        let blocks = {
+            let mut f = self.in_flight.lock().unwrap();
+            let entry = f.rounds.get_mut(&round).with_context(|| format!("WANT for unknown round {round}"))?;
+            entry.1 += wanted.iter().filter_map(|&i| entry.0.get(i as usize)).map(|b| b.len as u64).sum::<u64>();
+            entry.0.clone()
+        };
+        if !wanted.is_empty() {
+            self.wants.send(WantJob { round, blocks, wanted }).map_err(|_| anyhow::anyhow!("the compression workers stopped"))?;
+        }
+        Ok(())
+    }
+
+    fn ack(&self, round: u64) -> Result<()> {
+        let mut f = self.in_flight.lock().unwrap();
+        let (blocks, wanted, _permit) = f.rounds.remove(&round).with_context(|| format!("ACK for unknown round {round}"))?;
+        let data: u64 = blocks.iter().filter(|b| b.id.is_some()).map(|b| b.len as u64).sum();
+        // Data the receiver did not ask for it found locally.
+        self.progress.reused.fetch_add(data.saturating_sub(wanted), Relaxed);
+        self.progress.acked.fetch_add(blocks.iter().map(|b| b.len as u64).sum(), Relaxed);
+        self.check_finished(&f);
+        Ok(())
+    }
+
+    fn check_finished(&self, f: &InFlight) {
+        if f.scan_done && f.rounds.is_empty() {
+            let _ = self.finished.send(true);
+        }
+    }
+
+    async fn next_chunk(&self) -> Option<Message> {
+        self.chunks.lock().await.recv().await
     }
 }
 
-async fn next_round(rounds: &Mutex<mpsc::Receiver<Round>>) -> Option<Round> {
-    rounds.lock().await.recv().await
+/// One connection: its reader handles WANT and ACK for any round; its writer sends its own
+/// control messages first, then whatever chunk is next in the shared queue.
+async fn run_connection<S>(index: usize, conn: Conn<S>, shared: Arc<Shared>, mut finished: tokio::sync::watch::Receiver<bool>, open: Option<Message>) -> Result<(usize, Conn<S>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut stream) = conn.split();
+    let (control_tx, mut control_rx) = mpsc::channel::<Message>(64);
+    if let Some(open) = open {
+        sink.send(open).await?;
+    }
+    let writer = {
+        let shared = shared.clone();
+        let mut finished = finished.clone();
+        tokio::spawn(async move {
+            let mut chunks_done = false;
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    m = control_rx.recv() => match m { Some(m) => m, None => break },
+                    m = shared.next_chunk(), if !chunks_done => match m { Some(m) => m, None => { chunks_done = true; continue } },
+                    _ = until_finished(&mut finished), if chunks_done => break,
+                };
+                sink.feed(msg).await?;
+                while let Ok(more) = control_rx.try_recv() {
+                    sink.feed(more).await?;
+                }
+                sink.flush().await?;
+            }
+            sink.flush().await?;
+            Ok::<_, anyhow::Error>(sink)
+        })
+    };
+    let writer = AbortOnDrop(Some(writer));
+    let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
+    let mut scan_done = false;
+    loop {
+        tokio::select! {
+            _ = until_finished(&mut finished) => break,
+            round = shared.next_round(), if !scan_done => match round {
+                Some(r) => {
+                    let entries = r.blocks.iter().map(wire::entry_of).collect();
+                    wire::queue(&control_tx, Message::Announce { transfer: shared.transfer, round: r.number, entries }).await?;
+                }
+                None => scan_done = true,
+            },
+            msg = wire::next_timed(&mut stream) => match msg? {
+                Message::Want { round, wanted, .. } => shared.want(round, wanted)?,
+                Message::Ack { round, .. } => shared.ack(round)?,
+                // The answers to what was sent without waiting for them.
+                Message::HelloAck { .. } | Message::OpenAck { accepted: true, .. } => {}
+                Message::OpenAck { reason, .. } => bail!("the destination refused the transfer: {reason}"),
+                Message::Pong { .. } | Message::Ping { .. } => {}
+                Message::Error { message, .. } => bail!("the destination reported: {message}"),
+                other => bail!("unexpected {} from the destination", other.kind()),
+            },
+            _ = keepalive.tick() => wire::ping(&control_tx),
+        }
+    }
+    drop(control_tx);
+    let sink = writer.take().await.context("writer panicked")??;
+    Ok((index, sink.reunite(stream).expect("halves of one connection")))
+}
+
+async fn until_finished(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|f| *f).await;
+}
+
+struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> AbortOnDrop<T> {
+    fn take(mut self) -> tokio::task::JoinHandle<T> {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// A compression worker: reads the wanted blocks in the order they were asked for, compresses
+/// them (raw where that does not pay) and queues the chunks; the bounded queue is the
+/// back-pressure from the sockets.
+fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32) -> Result<()> {
+    let mut compressor = Compressor::new(level)?;
+    let mut buf = Vec::new();
+    loop {
+        let job = match jobs.lock().unwrap().recv() {
+            Ok(j) => j,
+            Err(_) => return Ok(()), // the send is over
+        };
+        for index in job.wanted {
+            let b = job.blocks.get(index as usize).with_context(|| format!("WANT index {index} outside round {}", job.round))?;
+            let Some(id) = b.id else { bail!("WANT for a zero range") };
+            buf.resize(b.len as usize, 0);
+            file.read_exact_at(&mut buf, b.offset)?;
+            let (encoding, data) = match compressor.compress(&buf)? {
+                Some(z) => (Encoding::Zstd, bytes::Bytes::copy_from_slice(z)),
+                None => (Encoding::Raw, bytes::Bytes::copy_from_slice(&buf)),
+            };
+            progress.wanted_raw.fetch_add(b.len as u64, Relaxed);
+            progress.sent_payload.fetch_add(data.len() as u64, Relaxed);
+            let msg = Message::Chunk { transfer, round: job.round, index, id, encoding, raw_len: b.len, data };
+            if out.blocking_send(msg).is_err() {
+                return Ok(()); // the connections are gone; their tasks report why
+            }
+        }
+    }
 }
