@@ -2,8 +2,10 @@
 //! JSON lines (progress while it works, then a final summary or an error).
 use crate::config::AgentConfig;
 use crate::session::{self, Identity, WireCounter};
+use crate::warm::Warm;
 use anyhow::{Context, Result};
 use ferry_transfer::progress::{Progress, ProgressSnapshot};
+use ferry_transfer::scan::Chunker;
 use ferry_transfer::sender::{self, SendSpec};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -17,6 +19,8 @@ use tokio::net::{UnixListener, UnixStream};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Send(SendRequest),
+    /// Ready (warm) connections per peer site.
+    Status,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -25,7 +29,10 @@ pub struct SendRequest {
     pub to: String,
     pub dest_path: String,
     pub base: Option<String>,
+    /// Fixed blocks of this size; with `cdc`, content-defined chunks instead.
     pub block: u32,
+    #[serde(default)]
+    pub cdc: bool,
     pub zstd_level: i32,
     /// Attempts after a failure (cut link, peer restart) before giving up; each resumes.
     pub retries: u32,
@@ -39,6 +46,7 @@ pub enum Event {
     Retrying { attempt: u32, error: String },
     Done(SendSummary),
     Failed { error: String },
+    Status { peers: std::collections::BTreeMap<String, crate::warm::PeerStatus> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,29 +67,32 @@ pub struct SendSummary {
     pub encrypted: bool,
 }
 
-pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>) -> Result<()> {
+pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>, warm: Arc<Warm>) -> Result<()> {
     let path = cfg.control_socket();
     std::fs::create_dir_all(path.parent().unwrap())?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let (cfg, identity) = (cfg.clone(), identity.clone());
+        let (cfg, identity, warm) = (cfg.clone(), identity.clone(), warm.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &cfg, &identity).await {
+            if let Err(e) = handle(stream, &cfg, &identity, &warm).await {
                 tracing::warn!("control request failed: {e:#}");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, cfg: &AgentConfig, identity: &Identity) -> Result<()> {
+async fn handle(stream: UnixStream, cfg: &AgentConfig, identity: &Identity, warm: &Warm) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
-    let Request::Send(req) = serde_json::from_str(&line).context("malformed control request")?;
+    let req = match serde_json::from_str(&line).context("malformed control request")? {
+        Request::Send(req) => req,
+        Request::Status => return emit(&mut write, &Event::Status { peers: warm.status(cfg.link_rate_bps).await }).await,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let work = run_send(cfg, identity, req, tx);
+    let work = run_send(cfg, identity, warm, req, tx);
     tokio::pin!(work);
     loop {
         tokio::select! {
@@ -105,7 +116,7 @@ async fn emit(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &Event) -> Result<()
 
 /// Sends with resumption: a failed attempt leaves the destination's staging file, and the next
 /// attempt (same transfer ID) sends only what is not there yet.
-async fn run_send(cfg: &AgentConfig, identity: &Identity, req: SendRequest, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
+async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
     let meta = std::fs::metadata(&req.source).with_context(|| format!("reading {}", req.source.display()))?;
     let transfer = transfer_id(&cfg.site, &req, meta.len(), meta.modified().ok());
     let progress = Arc::new(Progress::default());
@@ -116,10 +127,10 @@ async fn run_send(cfg: &AgentConfig, identity: &Identity, req: SendRequest, even
         attempt += 1;
         let attempt_progress = Arc::new(Progress::default());
         let result = async {
-            let (conns, rtt) = session::open(cfg, identity, &req.to, counter.clone()).await?;
+            let (conns, rtt) = session::open(cfg, identity, warm, &req.to, counter.clone()).await?;
             let connections = conns.len();
             let _ = events.send(Event::Started { size: meta.len(), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
-            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), block: req.block, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()? };
+            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()? };
             let ticker = {
                 let (p, c, ev) = (attempt_progress.clone(), counter.clone(), events.clone());
                 tokio::spawn(async move {
@@ -197,7 +208,7 @@ pub async fn request(socket: &std::path::Path, req: &Request, mut on_event: impl
     while let Some(l) = lines.next_line().await? {
         let ev: Event = serde_json::from_str(&l).context("malformed event from the agent")?;
         match ev {
-            Event::Done(_) | Event::Failed { .. } => return Ok(ev),
+            Event::Done(_) | Event::Failed { .. } | Event::Status { .. } => return Ok(ev),
             _ => on_event(&ev),
         }
     }

@@ -2,6 +2,7 @@
 //! as the path's bandwidth-delay product needs (a single connection's window must never be the
 //! limit), grouped on the receiving side by the session ID each HELLO carries.
 use crate::config::AgentConfig;
+use crate::warm::{IdleConn, Warm};
 use anyhow::{bail, Context, Result};
 use ferry_proto::{FrameCodec, Message, PROTOCOL_VERSION};
 use ferry_transfer::receiver::{self, ReceiverConfig};
@@ -29,16 +30,33 @@ pub struct WireCounter {
     pub received: AtomicU64,
 }
 
+/// Which transfer a connection's bytes count toward: a warm connection is made before its
+/// transfer exists and is pointed at the transfer's counter when taken.
+#[derive(Default)]
+pub struct CounterSlot(Mutex<Arc<WireCounter>>);
+
+impl CounterSlot {
+    pub fn point_at(&self, counter: &Arc<WireCounter>) {
+        *self.0.lock().unwrap() = counter.clone();
+    }
+    fn get(&self) -> Arc<WireCounter> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 struct Counted {
     inner: TcpStream,
-    counter: Arc<WireCounter>,
+    counter: Arc<CounterSlot>,
 }
 
 impl AsyncRead for Counted {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.counter.received.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.counter.get().received.fetch_add(n, Relaxed);
+        }
         r
     }
 }
@@ -47,7 +65,7 @@ impl AsyncWrite for Counted {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
-            self.counter.sent.fetch_add(*n as u64, Relaxed);
+            self.counter.get().sent.fetch_add(*n as u64, Relaxed);
         }
         r
     }
@@ -102,8 +120,8 @@ async fn tcp_connect(to_site: &str, addr: SocketAddr) -> Result<TcpStream> {
     Ok(tcp)
 }
 
-async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: &Arc<WireCounter>) -> Result<BoxStream> {
-    let counted = Counted { inner: tcp, counter: counter.clone() };
+async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: Arc<CounterSlot>) -> Result<BoxStream> {
+    let counted = Counted { inner: tcp, counter };
     match &identity.client {
         None => Ok(Box::new(counted)),
         Some(cfg) => {
@@ -113,37 +131,50 @@ async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: &Ar
     }
 }
 
-/// Opens a session to `to_site`. The first TCP handshake measures the RTT (a SYN and its
-/// answer: one round trip, at no extra cost); the connections the bandwidth-delay product needs
-/// are then dialled at once, and every connection's TLS handshake and HELLO run in parallel, so
-/// a session costs the same few round trips however many connections it has.
-pub async fn open(cfg: &AgentConfig, identity: &Identity, to_site: &str, counter: Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
-    let addr = cfg.peer(to_site)?;
-    let session: [u8; 16] = rand_bytes();
+/// A new authenticated connection, its byte-counter slot, and its TCP handshake time (one RTT).
+pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration)> {
     let t = Instant::now();
-    let first = tcp_connect(to_site, addr).await?;
+    let tcp = tcp_connect(to_site, addr).await?;
     let rtt = t.elapsed();
-    let n = connections_for(cfg.link_rate_bps, rtt);
-    tracing::info!(to = to_site, rtt_ms = rtt.as_secs_f64() * 1e3, connections = n, "session planned");
-    let counter = &counter;
-    let first = hello(identity, to_site, first, counter, session, 0);
-    let more = (1..n).map(|i| async move {
-        let tcp = tcp_connect(to_site, addr).await?;
-        hello(identity, to_site, tcp, counter, session, i as u16).await
-    });
-    let (first, more) = futures::future::try_join(first, futures::future::try_join_all(more)).await?;
-    let mut conns = vec![first];
-    conns.extend(more);
-    Ok((conns, rtt))
+    let slot = Arc::new(CounterSlot::default());
+    Ok((secure(identity, to_site, tcp, slot.clone()).await?, slot, rtt))
 }
 
-/// Sends HELLO and hands the connection over at once: its HELLO-ACK (or refusal) is read with
-/// whatever the peer answers next, so the first request follows HELLO without a round trip.
-async fn hello(identity: &Identity, to_site: &str, tcp: TcpStream, counter: &Arc<WireCounter>, session: [u8; 16], index: u16) -> Result<Conn<BoxStream>> {
-    let stream = secure(identity, to_site, tcp, counter).await?;
-    let mut conn = Framed::new(stream, FrameCodec::default());
-    conn.send(Message::Hello { version: PROTOCOL_VERSION, min_version: PROTOCOL_VERSION, site: identity.site.clone(), session, connection_index: index, connection_count: 0 }).await?;
-    Ok(conn)
+/// Opens a session to `to_site` on the warm connections the agent keeps ready, dialling what
+/// the bandwidth-delay product needs beyond them. Without warm connections, the first TCP
+/// handshake measures the RTT (one round trip, at no extra cost) and the rest are dialled at
+/// once, every TLS handshake in parallel. HELLO goes out without waiting for its answer.
+pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
+    let addr = cfg.peer(to_site)?;
+    let session: [u8; 16] = rand_bytes();
+    let (mut ready, mut rtt) = match warm.rtt(to_site) {
+        Some(r) => warm.take(to_site, connections_for(cfg.link_rate_bps, r)).await,
+        None => (Vec::new(), None),
+    };
+    let mut first_fresh = None;
+    if rtt.is_none() {
+        let (stream, slot, handshake) = dial(identity, to_site, addr).await?;
+        rtt = Some(handshake);
+        first_fresh = Some(IdleConn { conn: Framed::new(stream, FrameCodec), counter: slot });
+    }
+    let rtt = rtt.expect("measured");
+    let n = connections_for(cfg.link_rate_bps, rtt);
+    let warm_count = ready.len();
+    ready.extend(first_fresh);
+    let fresh = futures::future::try_join_all((ready.len()..n).map(|_| async move {
+        let (stream, slot, _) = dial(identity, to_site, addr).await?;
+        Ok::<_, anyhow::Error>(IdleConn { conn: Framed::new(stream, FrameCodec), counter: slot })
+    }))
+    .await?;
+    ready.extend(fresh);
+    tracing::info!(to = to_site, rtt_ms = rtt.as_secs_f64() * 1e3, connections = n, warm = warm_count, "session planned");
+    let mut conns = Vec::with_capacity(ready.len());
+    for (i, mut c) in ready.into_iter().enumerate() {
+        c.counter.point_at(&counter);
+        c.conn.send(Message::Hello { version: PROTOCOL_VERSION, min_version: PROTOCOL_VERSION, site: identity.site.clone(), session, connection_index: i as u16, connection_count: n as u16 }).await?;
+        conns.push(c.conn);
+    }
+    Ok((conns, rtt))
 }
 
 fn rand_bytes<const N: usize>() -> [u8; N] {
@@ -188,8 +219,13 @@ async fn accept_one(
         }
     };
     let mut conn = Framed::new(stream, FrameCodec::default());
-    let Message::Hello { version, min_version, session, connection_index, .. } = wire::next(&mut conn).await? else {
-        bail!("{peer} did not start with HELLO");
+    // A warm connection waits, pinged, until a transfer takes it and says HELLO.
+    let (version, min_version, session, connection_index) = loop {
+        match wire::next(&mut conn).await? {
+            Message::Ping { nonce } => conn.send(Message::Pong { nonce }).await?,
+            Message::Hello { version, min_version, session, connection_index, .. } => break (version, min_version, session, connection_index),
+            other => bail!("{peer} did not start with HELLO but {}", other.kind()),
+        }
     };
     let agreed = match ferry_proto::negotiate((PROTOCOL_VERSION, PROTOCOL_VERSION), (min_version, version)) {
         Ok(v) => v,

@@ -4,7 +4,7 @@
 //! byte-equal at the destination, and bytes on the wire are counted by the lab's forwarder.
 use crate::plot::{self, Chart, Series};
 use crate::report::{self, median};
-use crate::sites::{SiteProcesses, SshKeys};
+use crate::sites::{AgentSpec, SiteProcesses, SshKeys};
 use anyhow::{bail, Context, Result};
 use ferry_lab::disk_image::{build_disk_images, DiskImageSpec, DiskImages};
 use ferry_lab::link::LinkParams;
@@ -127,11 +127,7 @@ pub fn run(bench: &ColdBench) -> Result<ColdReport> {
     );
     let keys = SshKeys::create(&bench.work_dir.join("ssh"))?;
     let pki = bench.work_dir.join("pki");
-    let _ = std::fs::remove_dir_all(&pki);
-    crate::sites::ferry_ok(&bench.ferry_exe, &["pki", "init", "--pki", pki.to_str().unwrap()])?;
-    for s in ["a", "b"] {
-        crate::sites::ferry_ok(&bench.ferry_exe, &["pki", "issue", s, "--pki", pki.to_str().unwrap()])?;
-    }
+    SiteProcesses::make_pki(&bench.ferry_exe, &pki)?;
     let mut rows = Vec::new();
     for &rtt in &bench.rtts {
         let params = LinkParams { rtt, rate_bps: bench.rate_bps, loss: 0.0, jitter: Duration::ZERO, queue: QueueLimit::Bdp };
@@ -162,8 +158,10 @@ fn run_rtt(bench: &ColdBench, cfg: &LabConfig, images: &DiskImages, keys: &SshKe
             reset_destination(&images.older, &dest, &data_b)?;
             if method.is_ferry() {
                 let plaintext = method == Method::FerryPlaintext;
-                procs.start_agent("a", &src_ip, ("b", &dest_ip), &data_a, pki, bench, plaintext)?;
-                procs.start_agent("b", &dest_ip, ("a", &src_ip), &data_b, pki, bench, plaintext)?;
+                let a = AgentSpec { site: "a", listen_ip: &src_ip, peer: ("b", &dest_ip), data: &data_a, pki, exe: &bench.ferry_exe, rate_bps: bench.rate_bps, plaintext };
+                procs.start_agent(&a)?;
+                procs.start_agent(&AgentSpec { site: "b", listen_ip: &dest_ip, peer: ("a", &src_ip), data: &data_b, ..a })?;
+                SiteProcesses::wait_warm(&bench.ferry_exe, &data_a, "b")?;
             }
             drop_caches()?;
             let before = lab::status(&cfg.name)?;

@@ -97,6 +97,20 @@ impl SshKeys {
     }
 }
 
+/// A ferry agent to run in a lab site.
+#[derive(Clone, Copy)]
+pub struct AgentSpec<'a> {
+    pub site: &'a str,
+    pub listen_ip: &'a str,
+    /// The other site's name and address.
+    pub peer: (&'a str, &'a str),
+    pub data: &'a Path,
+    pub pki: &'a Path,
+    pub exe: &'a Path,
+    pub rate_bps: u64,
+    pub plaintext: bool,
+}
+
 pub struct SiteProcesses {
     lab: String,
     logs: PathBuf,
@@ -140,14 +154,14 @@ impl SiteProcesses {
     }
 
     /// Starts a ferry agent in `site` and waits for its control socket.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_agent(&mut self, site: &str, listen_ip: &str, peer: (&str, &str), data: &Path, pki: &Path, bench: &crate::cold::ColdBench, plaintext: bool) -> Result<()> {
+    pub fn start_agent(&mut self, agent: &AgentSpec) -> Result<()> {
+        let AgentSpec { site, listen_ip, peer, data, pki, exe, rate_bps, plaintext } = *agent;
         let sock = data.join(".ferry/agent.sock");
         let _ = std::fs::remove_file(&sock);
-        let mut argv: Vec<String> = vec![bench.ferry_exe.to_string_lossy().into(), "agent".into(), "--site".into(), site.into()];
+        let mut argv: Vec<String> = vec![exe.to_string_lossy().into(), "agent".into(), "--site".into(), site.into()];
         argv.extend(["--listen".into(), format!("{listen_ip}:7400"), "--data".into(), data.to_string_lossy().into()]);
         argv.extend(["--pki".into(), pki.to_string_lossy().into(), "--peer".into(), format!("{}={}:7400", peer.0, peer.1)]);
-        argv.extend(["--link-rate".into(), format!("{}", bench.rate_bps)]);
+        argv.extend(["--link-rate".into(), format!("{rate_bps}")]);
         if plaintext {
             argv.push("--insecure-plaintext".into());
         }
@@ -164,6 +178,26 @@ impl SiteProcesses {
         Ok(())
     }
 
+    /// Waits until the agent with data directory `data` keeps all the connections its path to
+    /// `peer` calls for: a daemon's steady state, which a transfer is measured from.
+    pub fn wait_warm(exe: &Path, data: &Path, peer: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = Command::new(exe).args(["status", "--json", "--data"]).arg(data).output()?;
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let (ready, wanted) = (v[peer]["ready"].as_u64().unwrap_or(0), v[peer]["wanted"].as_u64().unwrap_or(0));
+                if wanted > 0 && ready >= wanted {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the agent in {} has no ready connections to {peer}", data.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn stop_agents(&mut self) {
         for mut c in self.agents.drain(..) {
             let _ = c.kill();
@@ -173,6 +207,16 @@ impl SiteProcesses {
 
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.logs.join(name)
+    }
+
+    /// A CA and certificates for sites `a` and `b` in `pki` (made afresh).
+    pub fn make_pki(exe: &Path, pki: &Path) -> Result<()> {
+        let _ = std::fs::remove_dir_all(pki);
+        ferry_ok(exe, &["pki", "init", "--pki", pki.to_str().unwrap()])?;
+        for s in ["a", "b"] {
+            ferry_ok(exe, &["pki", "issue", s, "--pki", pki.to_str().unwrap()])?;
+        }
+        Ok(())
     }
 }
 

@@ -22,6 +22,8 @@ enum Command {
     Pki(transfer_cmd::PkiCommand),
     /// The per-site daemon: receives from other sites, sends for the local CLI.
     Agent(transfer_cmd::AgentArgs),
+    /// The local agent's peer sites and the connections it keeps ready to each.
+    Status(transfer_cmd::StatusArgs),
     /// Move disk images between sites.
     #[command(subcommand)]
     Image(transfer_cmd::ImageCommand),
@@ -45,6 +47,7 @@ fn main() {
         Command::Pki(cmd) => transfer_cmd::pki(cmd),
         Command::Agent(args) => transfer_cmd::agent(args),
         Command::Image(cmd) => transfer_cmd::image(cmd),
+        Command::Status(args) => transfer_cmd::status(args),
     };
     if let Err(e) = result {
         eprintln!("ferry: error: {e:#}");

@@ -6,6 +6,7 @@ use ferry_agent::control::{self, Event, Request, SendRequest, SendSummary};
 use ferry_agent::session::{self, Identity};
 use ferry_lab::units::{format_rate, parse_rate_bps};
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,15 +82,40 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     let identity = Arc::new(Identity::load(&cfg)?);
     tracing::info!(site = %cfg.site, data = %cfg.data_dir.display(), link_rate = %format_rate(cfg.link_rate_bps), "agent starting");
     runtime()?.block_on(async move {
+        let warm = ferry_agent::warm::Warm::start(cfg.clone(), identity.clone());
         tokio::select! {
             r = session::serve(cfg.clone(), identity.clone()) => r,
-            r = control::serve(cfg.clone(), identity.clone()) => r,
+            r = control::serve(cfg.clone(), identity.clone(), warm) => r,
         }
     })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The local agent's data directory (its control socket lives there).
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ferry status`: the local agent's peer sites and the connections it keeps ready to each.
+pub fn status(a: StatusArgs) -> Result<()> {
+    let ev = runtime()?.block_on(control::request(&control_socket(&a.data), &Request::Status, |_| {}))?;
+    let Event::Status { peers } = ev else { anyhow::bail!("unexpected answer from the agent") };
+    if a.json {
+        println!("{}", serde_json::to_string(&peers)?);
+        return Ok(());
+    }
+    for (site, p) in peers {
+        let rtt = p.rtt_ms.map_or("unreachable so far".to_string(), |r| format!("RTT {r:.1} ms"));
+        println!("{site}: {} of {} connections ready · {rtt}", p.ready, p.wanted);
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -113,8 +139,14 @@ pub struct SendArgs {
     /// The local agent's data directory (its control socket lives there).
     #[arg(long, default_value = DEFAULT_DATA)]
     data: PathBuf,
+    /// Fixed block size for disk images.
     #[arg(long, default_value_t = 65536)]
     block: u32,
+    /// How to cut the object: `fixed` aligned blocks (disk images: holes skipped, in-place
+    /// changes found), `cdc` content-defined chunks (files, where insertions shift data), or
+    /// `auto`: fixed for image files and anything sized in whole blocks, else cdc.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "fixed", "cdc"])]
+    chunking: String,
     #[arg(long, default_value_t = 1)]
     zstd_level: i32,
     #[arg(long, default_value_t = 5)]
@@ -127,7 +159,12 @@ pub struct SendArgs {
 pub fn image(cmd: ImageCommand) -> Result<()> {
     let ImageCommand::Send(a) = cmd;
     let source = std::fs::canonicalize(&a.source).with_context(|| format!("{} does not exist", a.source.display()))?;
-    let req = Request::Send(SendRequest { source, to: a.to, dest_path: a.dest_path, base: a.base, block: a.block, zstd_level: a.zstd_level, retries: a.retries });
+    let cdc = match a.chunking.as_str() {
+        "fixed" => false,
+        "cdc" => true,
+        _ => !looks_like_disk_image(&source, a.block)?,
+    };
+    let req = Request::Send(SendRequest { source, to: a.to, dest_path: a.dest_path, base: a.base, block: a.block, cdc, zstd_level: a.zstd_level, retries: a.retries });
     let bar = (!a.json).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
@@ -172,6 +209,14 @@ pub fn image(cmd: ImageCommand) -> Result<()> {
         Event::Failed { error } => anyhow::bail!("{error}"),
         _ => unreachable!("request returns only a final event"),
     }
+}
+
+/// Disk images change in place, in aligned blocks; other files change by insertion too.
+fn looks_like_disk_image(path: &std::path::Path, block: u32) -> Result<bool> {
+    const IMAGE_EXTENSIONS: [&str; 7] = ["raw", "img", "qcow2", "vmdk", "vhd", "vhdx", "iso"];
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let meta = std::fs::metadata(path)?;
+    Ok(IMAGE_EXTENSIONS.contains(&ext.as_str()) || meta.file_type().is_block_device() || (meta.len() > 0 && meta.len() % block as u64 == 0))
 }
 
 fn print_summary(s: &SendSummary) {

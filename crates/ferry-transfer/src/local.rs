@@ -1,7 +1,7 @@
 //! Chunks the receiver already holds: its older copy of the object, or a base image, indexed by
 //! chunk ID. A chunk taken from here is re-hashed as it is read, so a file changed since it was
 //! indexed can never put wrong bytes into an object.
-use crate::scan::{scan_blocks, ChunkHasher, ChunkId};
+use crate::scan::{scan, ChunkHasher, ChunkId, Chunker};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,12 +16,12 @@ pub struct LocalChunks {
 
 impl LocalChunks {
     /// Indexes `path` in blocks of `block` bytes (holes and zero blocks cost nothing).
-    pub fn add_file(&mut self, path: &Path, block: u32, hasher: &ChunkHasher) -> Result<usize> {
+    pub fn add_file(&mut self, path: &Path, chunker: Chunker, hasher: &ChunkHasher) -> Result<usize> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
         let file_index = self.files.len() as u32;
         let before = self.by_id.len();
-        scan_blocks(&file, size, block, hasher, |b| {
+        scan(&file, size, chunker, hasher, |b| {
             if let Some(id) = b.id {
                 self.by_id.entry(id).or_insert((file_index, b.offset, b.len));
             }

@@ -9,9 +9,12 @@ pub struct ObjectDigest {
 }
 
 impl ObjectDigest {
-    pub fn new(block_size: u32, object_size: u64) -> Self {
+    pub fn new(chunker: &crate::scan::Chunker, object_size: u64) -> Self {
         let mut hasher = blake3::Hasher::new_derive_key("ferry object digest v1");
-        hasher.update(&block_size.to_be_bytes()).update(&object_size.to_be_bytes());
+        for p in chunker.digest_params() {
+            hasher.update(&p.to_be_bytes());
+        }
+        hasher.update(&object_size.to_be_bytes());
         ObjectDigest { hasher, size: 0 }
     }
 

@@ -7,7 +7,7 @@ use crate::compress::decompress_exact;
 use crate::local::LocalChunks;
 use crate::manifest::ObjectDigest;
 use crate::progress::Progress;
-use crate::scan::{Block, ChunkHasher};
+use crate::scan::{Block, ChunkHasher, Chunker};
 use crate::staging::Staging;
 use crate::wire::{self, block_of, Conn};
 use anyhow::{bail, Context, Result};
@@ -69,7 +69,7 @@ struct Transfer {
     staging: Staging,
     local: LocalChunks,
     hasher: ChunkHasher,
-    block: u32,
+    chunker: Chunker,
     rounds: Mutex<BTreeMap<u64, RoundState>>,
     progress: Progress,
     data_dir: PathBuf,
@@ -181,10 +181,7 @@ pub fn resolve(data_dir: &Path, path: &str) -> Result<PathBuf> {
 }
 
 fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chunking: Chunking, base: Option<&str>) -> Result<Transfer> {
-    let Chunking::Fixed { block } = chunking else { bail!("only fixed-block chunking is supported for images so far") };
-    if block == 0 || block > 16 << 20 {
-        bail!("block size {block} out of range");
-    }
+    let chunker = Chunker::from_wire(&chunking)?;
     let dest = resolve(&cfg.data_dir, path)?;
     let hasher = ChunkHasher::new(cfg.tenant_key);
     let mut local = LocalChunks::default();
@@ -198,18 +195,18 @@ fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chun
     }
     let indexed_dest = local.len();
     if dest.exists() && indexed_dest == 0 {
-        local.add_file(&dest, block, &hasher)?;
+        local.add_file(&dest, chunker, &hasher)?;
     }
     if let Some(base) = base {
         let base_path = resolve(&cfg.data_dir, base)?;
         if !base_path.exists() {
             bail!("base {base:?} does not exist at the destination");
         }
-        local.add_file(&base_path, block, &hasher)?;
+        local.add_file(&base_path, chunker, &hasher)?;
     }
     let staging = Staging::open(&dest, &id, size)?;
     tracing::info!(object = path, size, local_chunks = local.len(), resumed = staging.resumed, "transfer opened");
-    Ok(Transfer { id, object: path.to_string(), staging, local, hasher, block, rounds: Mutex::new(BTreeMap::new()), progress: Progress::default(), data_dir: cfg.data_dir.clone() })
+    Ok(Transfer { id, object: path.to_string(), staging, local, hasher, chunker, rounds: Mutex::new(BTreeMap::new()), progress: Progress::default(), data_dir: cfg.data_dir.clone() })
 }
 
 type RoundDone = Option<(u32, u32)>;
@@ -225,9 +222,9 @@ impl Transfer {
         let mut local = Vec::new();
         let mut missing = vec![false; blocks.len()];
         let mut reused = 0u32;
-        let mut buf = vec![0u8; self.block as usize];
+        let mut buf = vec![0u8; self.chunker.max_len() as usize];
         for (i, b) in blocks.iter().enumerate() {
-            if b.len == 0 || b.len > self.block {
+            if b.len == 0 || b.len > self.chunker.max_len() {
                 bail!("block of {} bytes in round {round}", b.len);
             }
             let Some(id) = &b.id else {
@@ -258,7 +255,7 @@ impl Transfer {
     /// its ID); a block that fails verification is returned, to be wanted from the sender.
     fn copy_local(&self, round: u64, local: Vec<u32>) -> Result<(Vec<u32>, RoundDone)> {
         let blocks = self.rounds.lock().unwrap().get(&round).map(|r| r.blocks.clone()).with_context(|| format!("round {round} vanished"))?;
-        let mut buf = vec![0u8; self.block as usize];
+        let mut buf = vec![0u8; self.chunker.max_len() as usize];
         let (mut copied, mut failed) = (0u32, Vec::new());
         for i in local {
             let b = &blocks[i as usize];
@@ -319,7 +316,7 @@ impl Transfer {
             bail!("DONE says {size} bytes, OPEN said {}", self.staging.size());
         }
         let rounds = self.rounds.into_inner().unwrap();
-        let mut ours = ObjectDigest::new(self.block, size);
+        let mut ours = ObjectDigest::new(&self.chunker, size);
         let mut all_blocks = Vec::new();
         let mut expected_offset = 0u64;
         for (n, r) in &rounds {

@@ -1,5 +1,7 @@
-//! Scanning an image into fixed, aligned blocks: holes and all-zero blocks become zero ranges
-//! (never read again, never sent), every other block is named by its BLAKE3 hash.
+//! Scanning an object into chunks: disk images into fixed, aligned blocks, where holes and
+//! all-zero blocks become zero ranges (never read again, never sent); other files into
+//! content-defined chunks, so an insertion shifts nothing after it. Every data chunk is named
+//! by its BLAKE3 hash.
 use anyhow::{Context, Result};
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -29,6 +31,100 @@ impl ChunkHasher {
     }
     pub fn id(&self, data: &[u8]) -> ChunkId {
         *blake3::keyed_hash(&self.key, data).as_bytes()
+    }
+}
+
+/// How an object is cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunker {
+    Fixed { block: u32 },
+    Cdc { min: u32, avg: u32, max: u32 },
+}
+
+impl Chunker {
+    /// Content-defined chunks averaging 64 KiB, the size disk images use, so the two kinds of
+    /// chunk cost the same per byte.
+    pub const DEFAULT_CDC: Chunker = Chunker::Cdc { min: 16 << 10, avg: 64 << 10, max: 256 << 10 };
+
+    pub fn max_len(&self) -> u32 {
+        match *self {
+            Chunker::Fixed { block } => block,
+            Chunker::Cdc { max, .. } => max,
+        }
+    }
+
+    /// Checks what a peer asked for: bounded sizes, and sizes the CDC implementation accepts.
+    pub fn from_wire(c: &ferry_proto::Chunking) -> Result<Chunker> {
+        match *c {
+            ferry_proto::Chunking::Fixed { block } if (4096..=16 << 20).contains(&block) => Ok(Chunker::Fixed { block }),
+            ferry_proto::Chunking::Cdc { min, avg, max }
+                if min >= fastcdc::v2020::MINIMUM_MIN as u32
+                    && max <= fastcdc::v2020::MAXIMUM_MAX as u32
+                    && min < avg
+                    && avg < max
+                    && (fastcdc::v2020::AVERAGE_MIN as u32..=fastcdc::v2020::AVERAGE_MAX as u32).contains(&avg) =>
+            {
+                Ok(Chunker::Cdc { min, avg, max })
+            }
+            other => anyhow::bail!("unsupported chunking {other:?}"),
+        }
+    }
+
+    pub fn to_wire(&self) -> ferry_proto::Chunking {
+        match *self {
+            Chunker::Fixed { block } => ferry_proto::Chunking::Fixed { block },
+            Chunker::Cdc { min, avg, max } => ferry_proto::Chunking::Cdc { min, avg, max },
+        }
+    }
+
+    /// Bytes that pin the chunking in the object digest.
+    pub fn digest_params(&self) -> [u32; 4] {
+        match *self {
+            Chunker::Fixed { block } => [0, block, 0, 0],
+            Chunker::Cdc { min, avg, max } => [1, min, avg, max],
+        }
+    }
+}
+
+/// Walks a file chunk by chunk in order, calling `visit` for each.
+pub fn scan(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHasher, visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
+    match chunker {
+        Chunker::Fixed { block } => scan_blocks(file, size, block, hasher, visit),
+        Chunker::Cdc { min, avg, max } => scan_cdc(file, size, (min as usize, avg as usize, max as usize), hasher, visit),
+    }
+}
+
+/// Content-defined chunking over a sliding window of the file: a cut the chunker finds before
+/// the window's end depends only on the bytes before it, so it is kept; a chunk that runs into
+/// the window's end is cut again once more of the file is read.
+fn scan_cdc(file: &File, size: u64, (min, avg, max): (usize, usize, usize), hasher: &ChunkHasher, mut visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
+    const WINDOW: usize = 8 << 20;
+    let mut buf = vec![0u8; WINDOW.max(2 * max)];
+    let (mut filled, mut start) = (0usize, 0usize);
+    let mut file_pos = 0u64; // file offset of buf[0]
+    loop {
+        let eof = file_pos + filled as u64 >= size;
+        {
+            let cdc = fastcdc::v2020::FastCDC::new(&buf[..filled], min, avg, max);
+            while start < filled && (eof || filled - start >= max) {
+                let (_, end) = cdc.cut(start, filled - start);
+                let data = &buf[start..end];
+                let id = (!is_zero(data)).then(|| hasher.id(data));
+                visit(Block { offset: file_pos + start as u64, len: (end - start) as u32, id })?;
+                start = end;
+            }
+        }
+        if eof {
+            return Ok(());
+        }
+        // Slide what is left to the front and read more.
+        buf.copy_within(start..filled, 0);
+        file_pos += start as u64;
+        filled -= start;
+        start = 0;
+        let want = (size - file_pos - filled as u64).min((buf.len() - filled) as u64) as usize;
+        file.read_exact_at(&mut buf[filled..filled + want], file_pos + filled as u64).context("reading for chunking")?;
+        filled += want;
     }
 }
 
@@ -138,6 +234,42 @@ mod tests {
         .unwrap();
         assert_eq!(blocks.iter().map(|b| b.len).collect::<Vec<_>>(), vec![65536, 100_000 - 65536]);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn content_defined_chunks_survive_an_insertion() {
+        let mut data = Vec::new();
+        let mut x = 99u64;
+        for _ in 0..3_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.push((x >> 32) as u8);
+        }
+        let mut shifted = data.clone();
+        shifted.splice(1_000_000..1_000_000, b"an insertion in the middle".iter().copied());
+        let ids = |bytes: &[u8], name: &str| {
+            let p = temp(name);
+            std::fs::write(&p, bytes).unwrap();
+            let f = File::open(&p).unwrap();
+            let mut v = Vec::new();
+            let mut covered = 0u64;
+            scan(&f, bytes.len() as u64, Chunker::DEFAULT_CDC, &ChunkHasher::new([1; 32]), |b| {
+                assert_eq!(b.offset, covered, "chunks are contiguous");
+                assert!(b.len <= 256 << 10);
+                covered += b.len as u64;
+                v.push(b.id.unwrap());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(covered, bytes.len() as u64);
+            std::fs::remove_file(p).unwrap();
+            v
+        };
+        let (a, b) = (ids(&data, "cdc-a"), ids(&shifted, "cdc-b"));
+        let common = b.iter().filter(|id| a.contains(id)).count();
+        assert!(a.len() > 20, "about 64 KiB chunks: {}", a.len());
+        assert!(common + 3 >= b.len(), "all but the chunks around the insertion are shared: {common} of {}", b.len());
     }
 
     #[test]

@@ -4,10 +4,10 @@
 use crate::compress::Compressor;
 use crate::manifest::ObjectDigest;
 use crate::progress::Progress;
-use crate::scan::{scan_blocks, Block, ChunkHasher};
+use crate::scan::{scan, Block, ChunkHasher, Chunker};
 use crate::wire::{self, Conn};
 use anyhow::{bail, Context, Result};
-use ferry_proto::{Chunking, Encoding, Message};
+use ferry_proto::{Encoding, Message};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,7 +32,7 @@ pub struct SendSpec {
     pub source: PathBuf,
     pub dest_path: String,
     pub base: Option<String>,
-    pub block: u32,
+    pub chunker: Chunker,
     pub zstd_level: i32,
     pub transfer: [u8; 16],
     pub tenant_key: [u8; 32],
@@ -69,8 +69,8 @@ where
     let (round_tx, round_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
     let scanner = {
         let (file, progress, hasher) = (file.clone(), progress.clone(), ChunkHasher::new(spec.tenant_key));
-        let block = spec.block;
-        tokio::task::spawn_blocking(move || scan_into_rounds(&file, size, block, &hasher, &progress, round_tx))
+        let chunker = spec.chunker;
+        tokio::task::spawn_blocking(move || scan_into_rounds(&file, size, chunker, &hasher, &progress, round_tx))
     };
     let (chunk_tx, chunk_rx) = mpsc::channel::<Message>(CHUNK_QUEUE);
     let (want_tx, want_rx) = std::sync::mpsc::channel::<WantJob>();
@@ -97,7 +97,7 @@ where
         transfer: spec.transfer,
         path: spec.dest_path.clone(),
         size,
-        chunking: Chunking::Fixed { block: spec.block },
+        chunking: spec.chunker.to_wire(),
         base: spec.base.clone(),
     };
     let mut tasks = tokio::task::JoinSet::new();
@@ -142,11 +142,11 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn scan_into_rounds(file: &File, size: u64, block: u32, hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>) -> Result<([u8; 32], u64)> {
-    let mut digest = ObjectDigest::new(block, size);
+fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>) -> Result<([u8; 32], u64)> {
+    let mut digest = ObjectDigest::new(&chunker, size);
     let mut current = Vec::with_capacity(ROUND_BLOCKS);
     let mut number = 0u64;
-    scan_blocks(file, size, block, hasher, |b| {
+    scan(file, size, chunker, hasher, |b| {
         digest.add(&b);
         progress.scanned.fetch_add(b.len as u64, Relaxed);
         if b.id.is_none() {

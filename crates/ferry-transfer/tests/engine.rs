@@ -2,6 +2,7 @@
 use ferry_proto::FrameCodec;
 use ferry_transfer::progress::Progress;
 use ferry_transfer::receiver::{self, ReceiverConfig, Session};
+use ferry_transfer::scan::Chunker;
 use ferry_transfer::sender::{self, SendSpec};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,10 @@ fn write_image(path: &Path, blocks: usize, seed: u8) {
 }
 
 async fn transfer(data_dir: &Path, source: &Path, dest: &str, connections: usize) -> anyhow::Result<Arc<Progress>> {
+    transfer_with(data_dir, source, dest, connections, Chunker::Fixed { block: 65536 }).await
+}
+
+async fn transfer_with(data_dir: &Path, source: &Path, dest: &str, connections: usize, chunker: Chunker) -> anyhow::Result<Arc<Progress>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let session = Session::new(Arc::new(ReceiverConfig { data_dir: data_dir.to_path_buf(), tenant_key: KEY }));
@@ -47,7 +52,7 @@ async fn transfer(data_dir: &Path, source: &Path, dest: &str, connections: usize
     }
     server.await?;
     let progress = Arc::new(Progress::default());
-    let spec = SendSpec { source: source.into(), dest_path: dest.into(), base: None, block: 65536, zstd_level: 1, transfer: [7; 16], tenant_key: KEY };
+    let spec = SendSpec { source: source.into(), dest_path: dest.into(), base: None, chunker, zstd_level: 1, transfer: [7; 16], tenant_key: KEY };
     sender::send(conns, spec, progress.clone()).await?;
     Ok(progress)
 }
@@ -79,4 +84,29 @@ async fn a_path_escaping_the_data_directory_is_refused() {
     let err = transfer(&d.join("data"), &src, "../outside.raw", 1).await.unwrap_err();
     assert!(format!("{err:#}").contains("not a valid destination path"), "{err:#}");
     assert!(!d.join("outside.raw").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_defined_chunks_find_a_file_whose_data_shifted() {
+    let d = dir("cdc");
+    let (src, data) = (d.join("log.txt"), d.join("data"));
+    let mut x = 5u64;
+    let mut body: Vec<u8> = (0..6_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"abcdefghijklmnopqrstuvwxyz \n"[(x % 28) as usize]
+        })
+        .collect();
+    std::fs::write(&src, &body).unwrap();
+    transfer_with(&data, &src, "log.txt", 2, Chunker::DEFAULT_CDC).await.unwrap();
+    // Lines inserted near the start shift everything after them.
+    body.splice(100_000..100_000, b"a new line near the start\n".repeat(10));
+    std::fs::write(&src, &body).unwrap();
+    let p = transfer_with(&data, &src, "log.txt", 2, Chunker::DEFAULT_CDC).await.unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("log.txt")).unwrap());
+    let wanted = p.wanted_raw.load(Relaxed);
+    assert!(wanted <= 3 * 256 * 1024, "only the chunks around the insertion travel: {wanted} of {} bytes", body.len());
+    assert!(p.reused.load(Relaxed) > 5_000_000);
 }

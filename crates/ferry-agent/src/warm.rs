@@ -1,0 +1,146 @@
+//! Warm connections: an agent keeps mutually authenticated connections open to each peer site
+//! it knows, so a transfer starts on connections whose TCP and TLS handshakes are already done
+//! (as an IPsec tunnel is set up before traffic flows). Idle connections are pinged so neither
+//! side's idle limit closes them; a connection that fails is replaced.
+use crate::config::AgentConfig;
+use crate::session::{connections_for, dial, BoxStream, CounterSlot, Identity};
+use ferry_proto::{FrameCodec, Message};
+use ferry_transfer::wire::{self, Conn};
+use futures::{FutureExt, SinkExt, StreamExt};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::codec::Framed;
+
+pub struct IdleConn {
+    pub conn: Conn<BoxStream>,
+    pub counter: Arc<CounterSlot>,
+}
+
+#[derive(Default)]
+pub struct PeerPool {
+    idle: tokio::sync::Mutex<Vec<IdleConn>>,
+    /// The smallest TCP handshake time seen: the path's RTT.
+    rtt: Mutex<Option<Duration>>,
+    refill: tokio::sync::Notify,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub ready: usize,
+    pub wanted: usize,
+    pub rtt_ms: Option<f64>,
+}
+
+pub struct Warm {
+    peers: BTreeMap<String, Arc<PeerPool>>,
+}
+
+impl Warm {
+    /// Starts keeping connections to every configured peer.
+    pub fn start(cfg: Arc<AgentConfig>, identity: Arc<Identity>) -> Arc<Warm> {
+        let peers: BTreeMap<String, Arc<PeerPool>> = cfg.peers.keys().map(|p| (p.clone(), Arc::new(PeerPool::default()))).collect();
+        for (site, pool) in &peers {
+            tokio::spawn(maintain(cfg.clone(), identity.clone(), site.clone(), pool.clone()));
+        }
+        Arc::new(Warm { peers })
+    }
+
+    /// Up to `n` ready connections to `site` (fewer, or none, if the pool has not filled).
+    pub async fn take(&self, site: &str, n: usize) -> (Vec<IdleConn>, Option<Duration>) {
+        let Some(pool) = self.peers.get(site) else { return (Vec::new(), None) };
+        let taken: Vec<IdleConn> = {
+            let mut idle = pool.idle.lock().await;
+            let k = idle.len().min(n);
+            idle.drain(..k).collect()
+        };
+        pool.refill.notify_one();
+        (taken, *pool.rtt.lock().unwrap())
+    }
+
+    pub fn rtt(&self, site: &str) -> Option<Duration> {
+        self.peers.get(site).and_then(|p| *p.rtt.lock().unwrap())
+    }
+
+    /// Ready connections per peer site, and how many the path calls for.
+    pub async fn status(&self, link_rate_bps: u64) -> BTreeMap<String, PeerStatus> {
+        let mut out = BTreeMap::new();
+        for (site, pool) in &self.peers {
+            let rtt = *pool.rtt.lock().unwrap();
+            let ready = pool.idle.lock().await.len();
+            out.insert(site.clone(), PeerStatus { ready, wanted: rtt.map_or(0, |r| connections_for(link_rate_bps, r)), rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3) });
+        }
+        out
+    }
+}
+
+async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, pool: Arc<PeerPool>) {
+    let Ok(addr) = cfg.peer(&site) else { return };
+    let mut failures = 0u32;
+    loop {
+        let rtt = *pool.rtt.lock().unwrap();
+        let target = rtt.map_or(2, |r| connections_for(cfg.link_rate_bps, r));
+        let have = pool.idle.lock().await.len();
+        if have < target {
+            let dials = (have..target).map(|_| dial(&identity, &site, addr));
+            let mut added = 0;
+            for r in futures::future::join_all(dials).await {
+                match r {
+                    Ok((stream, slot, handshake)) => {
+                        {
+                            let mut best = pool.rtt.lock().unwrap();
+                            *best = Some(best.map_or(handshake, |b| b.min(handshake)));
+                        }
+                        pool.idle.lock().await.push(IdleConn { conn: Framed::new(stream, FrameCodec), counter: slot });
+                        added += 1;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures % 60 == 0 {
+                            tracing::warn!(to = %site, "cannot keep a connection ready: {e:#}");
+                        }
+                    }
+                }
+            }
+            if added > 0 {
+                if failures > 0 {
+                    tracing::info!(to = %site, "connections to the peer are ready again");
+                }
+                failures = 0;
+                continue; // the RTT may now call for more
+            }
+        }
+        let pause = if failures > 0 { Duration::from_secs(2) } else { wire::KEEPALIVE };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = pool.refill.notified() => {}
+        }
+        keep_alive(&pool).await;
+    }
+}
+
+/// Pings every idle connection and drops the ones that fail or that the peer closed.
+async fn keep_alive(pool: &PeerPool) {
+    let mut idle = pool.idle.lock().await;
+    let mut alive = Vec::with_capacity(idle.len());
+    for mut c in idle.drain(..) {
+        let sent = tokio::time::timeout(Duration::from_millis(500), c.conn.send(Message::Ping { nonce: 0 })).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            continue;
+        }
+        let mut ok = true;
+        while let Some(next) = c.conn.next().now_or_never() {
+            match next {
+                Some(Ok(Message::Pong { .. })) => {}
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            alive.push(c);
+        }
+    }
+    *idle = alive;
+}
