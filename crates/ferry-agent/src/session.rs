@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -83,6 +83,19 @@ impl ferry_pki::PeerAddress for Counted {
     }
 }
 
+/// Socket buffers fixed at the system's maximum before the handshake, on both ends. Left to
+/// autotuning, the receive window starts at 128 KiB and only doubles each round trip as data
+/// is read, so every transfer would ramp up over many round trips however large the
+/// congestion window may be.
+const SOCKET_BUFFER: u32 = 4 << 20;
+
+fn sized_socket(addr: SocketAddr) -> Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_recv_buffer_size(SOCKET_BUFFER)?;
+    socket.set_send_buffer_size(SOCKET_BUFFER)?;
+    Ok(socket)
+}
+
 /// Per-connection TCP window we plan with: the machine's wmem/rmem maximum is 4 MiB, of which
 /// TCP uses about three quarters for data.
 const WINDOW_PER_CONNECTION: f64 = 3.0 * 1024.0 * 1024.0;
@@ -112,7 +125,8 @@ impl Identity {
 }
 
 async fn tcp_connect(to_site: &str, addr: SocketAddr) -> Result<TcpStream> {
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+    let socket = sized_socket(addr)?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
         .await
         .with_context(|| format!("connecting to {to_site} at {addr}: timed out"))?
         .with_context(|| format!("connecting to {to_site} at {addr}"))?;
@@ -185,7 +199,12 @@ fn rand_bytes<const N: usize>() -> [u8; N] {
 
 /// Accepts sessions from other sites until the listener fails.
 pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>) -> Result<()> {
-    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = {
+        let socket = sized_socket(cfg.listen)?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
+        socket.listen(1024)?
+    };
     let receiver_cfg = Arc::new(ReceiverConfig { data_dir: cfg.data_dir.clone(), tenant_key: cfg.tenant_key()? });
     let sessions: Arc<Mutex<HashMap<[u8; 16], Weak<receiver::Session>>>> = Arc::default();
     tracing::info!(site = %cfg.site, listen = %cfg.listen, "agent accepting sessions");

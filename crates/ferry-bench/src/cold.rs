@@ -68,6 +68,9 @@ pub struct ColdBench {
     pub lab: String,
     /// Longest a single method may take before the run counts as failed.
     pub method_timeout: Duration,
+    /// An initial congestion (and receive) window, in segments, set on both sites' WAN route
+    /// for every method alike: the OS setting that decides how fast any TCP flow starts.
+    pub initcwnd: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -133,6 +136,11 @@ pub fn run(bench: &ColdBench) -> Result<ColdReport> {
         let params = LinkParams { rtt, rate_bps: bench.rate_bps, loss: 0.0, jitter: Duration::ZERO, queue: QueueLimit::Bdp };
         let cfg = LabConfig::new(&bench.lab, &["a".to_string(), "b".to_string()], params, &[])?;
         lab::up(&cfg, &bench.ferry_exe)?;
+        if let Some(w) = bench.initcwnd {
+            for site in ["a", "b"] {
+                set_initcwnd(&cfg, site, w)?;
+            }
+        }
         let result = run_rtt(bench, &cfg, &images, &keys, &pki, rtt, &mut rows);
         let _ = lab::down(&cfg.name);
         result?;
@@ -232,6 +240,15 @@ fn run_method(bench: &ColdBench, cfg: &LabConfig, method: Method, src: &Path, de
         return Ok(Some(serde_json::from_slice(&out.stdout).context("ferry's JSON summary")?));
     }
     Ok(None)
+}
+
+fn set_initcwnd(cfg: &LabConfig, site: &str, window: u32) -> Result<()> {
+    let src = cfg.site(site)?.wan_addr().to_string();
+    let w = window.to_string();
+    let argv = ["ip", "route", "change", "198.18.0.0/15", "dev", "wan0", "scope", "link", "src", &src, "initcwnd", &w, "initrwnd", &w].map(String::from);
+    let st = lab::command_in_site(&cfg.name, site, &argv)?.status()?;
+    anyhow::ensure!(st.success(), "setting initcwnd in site {site}");
+    Ok(())
 }
 
 /// The destination holds the older version, and nothing else: no content store or partial

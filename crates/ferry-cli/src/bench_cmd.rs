@@ -36,6 +36,9 @@ pub struct ColdArgs {
     /// A method slower than this fails the benchmark.
     #[arg(long, default_value = "1800s", value_parser = parse_duration)]
     method_timeout: Duration,
+    /// Set this initial congestion window (segments) on both sites' WAN route, for every method.
+    #[arg(long)]
+    initcwnd: Option<u32>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -51,6 +54,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 ferry_exe: std::env::current_exe()?,
                 lab: a.lab,
                 method_timeout: a.method_timeout,
+                initcwnd: a.initcwnd,
             };
             ferry_bench::cold::run(&bench)?;
             println!("results in {}", bench.out_dir.display());
