@@ -39,12 +39,8 @@ impl AgentConfig {
     /// every site of the deployment agrees on it and no other deployment shares it.
     pub fn tenant_key(&self) -> Result<[u8; 32]> {
         let ca = std::fs::read(self.pki_dir.join("ca.pem")).with_context(|| format!("reading {}/ca.pem", self.pki_dir.display()))?;
-        Ok(blake3_derive(&ca))
+        Ok(ferry_transfer::scan::derive_key("ferry tenant chunk key v1", &ca))
     }
-}
-
-fn blake3_derive(material: &[u8]) -> [u8; 32] {
-    ferry_transfer::scan::derive_key("ferry tenant chunk key v1", material)
 }
 
 pub fn control_socket(data_dir: &Path) -> PathBuf {

@@ -327,14 +327,13 @@ fn write_results(bench: &ColdBench, images: &DiskImages, changed: u64, changed_c
         v.dedup();
         v
     };
-    let time = |m: Method, rtt: f64| {
-        let mut t: Vec<f64> = rows.iter().filter(|r| r.method == m.name() && r.rtt_ms == rtt).map(|r| r.seconds).collect();
-        median(&mut t)
+    // The median over a method's runs at one RTT of one figure of its rows.
+    let median_of = |m: Method, rtt: f64, figure: fn(&ColdRow) -> f64| {
+        let mut v: Vec<f64> = rows.iter().filter(|r| r.method == m.name() && r.rtt_ms == rtt).map(figure).collect();
+        median(&mut v)
     };
-    let wire = |m: Method, rtt: f64| {
-        let mut t: Vec<f64> = rows.iter().filter(|r| r.method == m.name() && r.rtt_ms == rtt).map(|r| r.wire_forward_bytes as f64).collect();
-        median(&mut t)
-    };
+    let time = |m: Method, rtt: f64| median_of(m, rtt, |r| r.seconds);
+    let wire = |m: Method, rtt: f64| median_of(m, rtt, |r| r.wire_forward_bytes as f64);
     // The table: one row per RTT, a column per method, then ferry's ratios.
     let mut header = vec!["RTT ms".to_string()];
     header.extend(bench.methods.iter().map(|m| format!("{} s", m.name())));

@@ -194,14 +194,15 @@ struct Shared {
 
 impl Shared {
     /// The next round to announce, once the window has room; None when the scan is over.
-    async fn next_round(&self) -> Option<Round> {
+    async fn next_round(&self) -> Option<(u64, Arc<Vec<Block>>)> {
         let permit = self.window.clone().acquire_owned().await.ok()?;
         let round = self.rounds.lock().await.recv().await;
         let mut f = self.in_flight.lock().unwrap();
         match round {
             Some(r) => {
-                f.rounds.insert(r.number, (Arc::new(r.blocks.clone()), 0, Some(permit)));
-                Some(r)
+                let blocks = Arc::new(r.blocks);
+                f.rounds.insert(r.number, (blocks.clone(), 0, Some(permit)));
+                Some((r.number, blocks))
             }
             None => {
                 f.scan_done = true;
@@ -279,20 +280,20 @@ where
             Ok::<_, anyhow::Error>(sink)
         })
     };
-    let writer = AbortOnDrop(Some(writer));
+    let writer = wire::Writer::new(writer);
     let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
     let mut scan_done = false;
     loop {
         tokio::select! {
             _ = until_finished(&mut finished) => break,
             round = shared.next_round(), if !scan_done => match round {
-                Some(r) => {
-                    let entries = r.blocks.iter().map(wire::entry_of).collect();
-                    wire::queue(&control_tx, Message::Announce { transfer: shared.transfer, round: r.number, entries }).await?;
+                Some((number, blocks)) => {
+                    let entries = blocks.iter().map(wire::entry_of).collect();
+                    wire::queue(&control_tx, Message::Announce { transfer: shared.transfer, round: number, entries }).await?;
                 }
                 None => scan_done = true,
             },
-            msg = wire::next_timed(&mut stream) => match msg? {
+            msg = wire::next(&mut stream) => match msg? {
                 Message::Want { round, wanted, .. } => shared.want(round, wanted)?,
                 Message::Ack { round, .. } => shared.ack(round)?,
                 // The answers to what was sent without waiting for them.
@@ -306,28 +307,12 @@ where
         }
     }
     drop(control_tx);
-    let sink = writer.take().await.context("writer panicked")??;
+    let sink = writer.finish().await?;
     Ok((index, sink.reunite(stream).expect("halves of one connection")))
 }
 
 async fn until_finished(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|f| *f).await;
-}
-
-struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
-
-impl<T> AbortOnDrop<T> {
-    fn take(mut self) -> tokio::task::JoinHandle<T> {
-        self.0.take().expect("taken once")
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            h.abort();
-        }
-    }
 }
 
 /// A compression worker: reads the wanted blocks in the order they were asked for, compresses

@@ -3,7 +3,7 @@
 use crate::scan::Block;
 use anyhow::{bail, Context, Result};
 use ferry_proto::{Entry, EntryKind, FrameCodec, Message};
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -17,20 +17,12 @@ pub const KEEPALIVE: Duration = Duration::from_secs(1);
 /// A connection silent this long is dead (a cut link: TCP alone would wait minutes).
 pub const IDLE_LIMIT: Duration = Duration::from_secs(8);
 
-pub async fn next<S>(conn: &mut Conn<S>) -> Result<Message>
+/// The next message from a connection or its read half, or an error if the peer closed it
+/// or sent nothing for `IDLE_LIMIT`.
+pub async fn next<St, E>(stream: &mut St) -> Result<Message>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(IDLE_LIMIT, conn.next()).await {
-        Err(_) => bail!("the peer sent nothing for {} s: link cut?", IDLE_LIMIT.as_secs()),
-        Ok(None) => bail!("the peer closed the connection"),
-        Ok(Some(m)) => m.context("reading from the peer"),
-    }
-}
-
-pub async fn next_timed<S>(stream: &mut SplitStream<Conn<S>>) -> Result<Message>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    St: futures::Stream<Item = std::result::Result<Message, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
 {
     match tokio::time::timeout(IDLE_LIMIT, stream.next()).await {
         Err(_) => bail!("the peer sent nothing for {} s: link cut?", IDLE_LIMIT.as_secs()),
@@ -58,7 +50,7 @@ where
         }
         Ok(sink)
     });
-    (tx, Writer { task: Some(task) })
+    (tx, Writer::new(task))
 }
 
 pub struct Writer<S> {
@@ -66,6 +58,11 @@ pub struct Writer<S> {
 }
 
 impl<S> Writer<S> {
+    /// Owns a writer task: it is aborted if dropped before `finish`.
+    pub fn new(task: tokio::task::JoinHandle<Result<Sink<S>>>) -> Self {
+        Writer { task: Some(task) }
+    }
+
     /// Waits until everything queued has been written; the senders must be dropped first.
     pub async fn finish(mut self) -> Result<Sink<S>> {
         self.task.take().expect("finished once").await.context("writer panicked")?
