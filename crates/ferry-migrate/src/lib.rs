@@ -1,0 +1,1 @@
+//! QEMU's outgoing migration stream, split so ferry can carry RAM pages by reference.
