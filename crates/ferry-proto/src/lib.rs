@@ -63,9 +63,15 @@
 //! | `0x15` | `Ack`       | transfer \[16], round u64, reused u32, received u32                       |
 //! | `0x16` | `Done`      | transfer \[16], size u64, digest \[32]                                    |
 //! | `0x17` | `Committed` | transfer \[16], ok bool, digest \[32], message str                        |
+//! | `0x20` | `MigrateOpen` | migration \[16], vm str, spec (u32 len + bytes)                         |
+//! | `0x21` | `MigrateReady` | migration \[16], accepted bool, reason str, held (u32 len + bytes)     |
+//! | `0x22` | `StreamData` | migration \[16], seq u64, encoding, raw_len u32, data (u32 len + bytes, ≤ 16 MiB) |
+//! | `0x23` | `StreamBack` | migration \[16], data (u32 len + bytes)                                  |
+//! | `0x24` | `StreamEnd` | migration \[16], batches u64                                             |
+//! | `0x25` | `MigrateOutcome` | migration \[16], running bool, message str                           |
 //!
 //! `0x00` is never a valid type, so a zero-filled buffer is caught at its first byte.
-//! Session-level messages use `0x0_`, transfer-level ones `0x1_`.
+//! Session-level messages use `0x0_`, transfer-level ones `0x1_`, live-migration ones `0x2_`.
 //!
 //! Enum tags: chunking `0` = `Fixed { block u32 }`, `1` = `Cdc { min u32, avg u32, max u32 }`;
 //! entry kind `0` = `Data(id [32])`, `1` = `Zero`; encoding `0` = `Raw`, `1` = `Zstd`.
@@ -101,5 +107,5 @@ pub use limits::{
     FRAME_HEADER_LEN, MAX_ANNOUNCE_ENTRIES, MAX_CHUNK_LEN, MAX_PAYLOAD_LEN, MAX_STRING_LEN,
     MAX_WANTED,
 };
-pub use message::{ChunkId, Chunking, Encoding, Entry, EntryKind, Message, SessionId, TransferId};
+pub use message::{ChunkId, Chunking, Encoding, Entry, EntryKind, Message, MigrationId, SessionId, TransferId};
 pub use version::{negotiate, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};

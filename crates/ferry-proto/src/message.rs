@@ -8,6 +8,9 @@ pub type ChunkId = [u8; 32];
 /// Names one transfer (one object) within a session; chosen by the sender.
 pub type TransferId = [u8; 16];
 
+/// Names one live migration; chosen by the source.
+pub type MigrationId = [u8; 16];
+
 /// Names a session, so the receiver can group a session's parallel connections.
 pub type SessionId = [u8; 16];
 
@@ -126,6 +129,41 @@ pub enum Message {
     },
     /// A fatal error; the sender closes the connection after it.
     Error { code: u16, message: String },
+    /// Asks the destination to receive a running VM: `spec` is the VM's description (JSON) from
+    /// which the destination starts the same machine waiting for its state.
+    MigrateOpen {
+        migration: MigrationId,
+        vm: String,
+        spec: Bytes,
+    },
+    /// The destination is ready (its QEMU waits for the stream) or refuses with `reason`.
+    /// `held` lists, as packed 8-byte prefixes of page IDs, the RAM pages it already holds, so
+    /// the source can send those as references from the first byte.
+    MigrateReady {
+        migration: MigrationId,
+        accepted: bool,
+        reason: String,
+        held: Bytes,
+    },
+    /// Batch `seq` of the source QEMU's migration stream, in ferry's batch encoding; batches
+    /// travel on any connection and the destination restores their order.
+    StreamData {
+        migration: MigrationId,
+        seq: u64,
+        encoding: Encoding,
+        raw_len: u32,
+        data: Bytes,
+    },
+    /// Bytes of the destination QEMU's return path, for the source QEMU.
+    StreamBack { migration: MigrationId, data: Bytes },
+    /// The source QEMU closed its stream after `batches` batches.
+    StreamEnd { migration: MigrationId, batches: u64 },
+    /// How the migration ended at the destination: `running` once the destination VM runs.
+    MigrateOutcome {
+        migration: MigrationId,
+        running: bool,
+        message: String,
+    },
     /// Liveness probe; answered by a `Pong` with the same nonce.
     Ping { nonce: u64 },
     /// Answer to a `Ping`.
@@ -150,6 +188,12 @@ pub(crate) enum MessageType {
     Ack = 0x15,
     Done = 0x16,
     Committed = 0x17,
+    MigrateOpen = 0x20,
+    MigrateReady = 0x21,
+    StreamData = 0x22,
+    StreamBack = 0x23,
+    StreamEnd = 0x24,
+    MigrateOutcome = 0x25,
 }
 
 impl MessageType {
@@ -168,6 +212,12 @@ impl MessageType {
             0x15 => Self::Ack,
             0x16 => Self::Done,
             0x17 => Self::Committed,
+            0x20 => Self::MigrateOpen,
+            0x21 => Self::MigrateReady,
+            0x22 => Self::StreamData,
+            0x23 => Self::StreamBack,
+            0x24 => Self::StreamEnd,
+            0x25 => Self::MigrateOutcome,
             _ => return None,
         })
     }
@@ -191,6 +241,12 @@ impl MessageType {
             Self::Ack => "Ack",
             Self::Done => "Done",
             Self::Committed => "Committed",
+            Self::MigrateOpen => "MigrateOpen",
+            Self::MigrateReady => "MigrateReady",
+            Self::StreamData => "StreamData",
+            Self::StreamBack => "StreamBack",
+            Self::StreamEnd => "StreamEnd",
+            Self::MigrateOutcome => "MigrateOutcome",
         }
     }
 }
@@ -208,6 +264,12 @@ impl Message {
             Self::Ack { .. } => MessageType::Ack,
             Self::Done { .. } => MessageType::Done,
             Self::Committed { .. } => MessageType::Committed,
+            Self::MigrateOpen { .. } => MessageType::MigrateOpen,
+            Self::MigrateReady { .. } => MessageType::MigrateReady,
+            Self::StreamData { .. } => MessageType::StreamData,
+            Self::StreamBack { .. } => MessageType::StreamBack,
+            Self::StreamEnd { .. } => MessageType::StreamEnd,
+            Self::MigrateOutcome { .. } => MessageType::MigrateOutcome,
             Self::Error { .. } => MessageType::Error,
             Self::Ping { .. } => MessageType::Ping,
             Self::Pong { .. } => MessageType::Pong,

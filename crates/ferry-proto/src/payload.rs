@@ -54,9 +54,25 @@ pub(crate) fn validate(msg: &Message) -> Result<(), ProtoError> {
             data,
             ..
         } => check_chunk(*encoding, *raw_len, data.len()),
-        Message::Committed { message, .. } | Message::Error { message, .. } => {
-            check_string("message", message)
+        Message::Committed { message, .. }
+        | Message::Error { message, .. }
+        | Message::MigrateOutcome { message, .. } => check_string("message", message),
+        Message::MigrateOpen { vm, spec, .. } => {
+            check_string("vm", vm)?;
+            check_blob(spec.len())
         }
+        Message::MigrateReady { reason, held, .. } => {
+            check_string("reason", reason)?;
+            check_blob(held.len())
+        }
+        Message::StreamData {
+            encoding,
+            raw_len,
+            data,
+            ..
+        } => check_chunk(*encoding, *raw_len, data.len()),
+        Message::StreamBack { data, .. } => check_blob(data.len()),
+        Message::StreamEnd { .. } => Ok(()),
         Message::Ack { .. }
         | Message::Done { .. }
         | Message::Ping { .. }
@@ -78,6 +94,42 @@ fn check_entry(index: usize, entry: &Entry) -> Result<(), ProtoError> {
         });
     }
     Ok(())
+}
+
+fn check_blob(len: usize) -> Result<(), ProtoError> {
+    if len > MAX_CHUNK_LEN {
+        return Err(ProtoError::ChunkDataTooLarge {
+            len,
+            max: MAX_CHUNK_LEN,
+        });
+    }
+    Ok(())
+}
+
+fn put_blob(out: &mut BytesMut, data: &Bytes) {
+    put_count(out, data.len());
+    out.put_slice(data);
+}
+
+fn read_blob(r: &mut Reader, field: &'static str) -> Result<Bytes, ProtoError> {
+    let len = wire_len(r.u32(field)?);
+    check_blob(len)?;
+    r.take(field, len)
+}
+
+fn put_encoding(out: &mut BytesMut, encoding: Encoding) {
+    out.put_u8(match encoding {
+        Encoding::Raw => ENCODING_RAW,
+        Encoding::Zstd => ENCODING_ZSTD,
+    });
+}
+
+fn read_encoding(r: &mut Reader) -> Result<Encoding, ProtoError> {
+    match r.u8("encoding")? {
+        ENCODING_RAW => Ok(Encoding::Raw),
+        ENCODING_ZSTD => Ok(Encoding::Zstd),
+        tag => Err(r.invalid_tag("encoding", tag)),
+    }
 }
 
 fn check_chunk(encoding: Encoding, raw_len: u32, data_len: usize) -> Result<(), ProtoError> {
@@ -134,6 +186,12 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::Committed { message, .. } => 16 + 1 + 32 + string_len(message),
         Message::Error { message, .. } => 2 + string_len(message),
         Message::Ping { .. } | Message::Pong { .. } => 8,
+        Message::MigrateOpen { vm, spec, .. } => 16 + string_len(vm) + 4 + spec.len(),
+        Message::MigrateReady { reason, held, .. } => 16 + 1 + string_len(reason) + 4 + held.len(),
+        Message::StreamData { data, .. } => 16 + 8 + 1 + 4 + 4 + data.len(),
+        Message::StreamBack { data, .. } => 16 + 4 + data.len(),
+        Message::StreamEnd { .. } => 16 + 8,
+        Message::MigrateOutcome { message, .. } => 16 + 1 + string_len(message),
     }
 }
 
@@ -288,6 +346,52 @@ pub(crate) fn write_payload(msg: &Message, out: &mut BytesMut) {
             put_string(out, message);
         }
         Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
+        Message::MigrateOpen { migration, vm, spec } => {
+            out.put_slice(migration);
+            put_string(out, vm);
+            put_blob(out, spec);
+        }
+        Message::MigrateReady {
+            migration,
+            accepted,
+            reason,
+            held,
+        } => {
+            out.put_slice(migration);
+            put_bool(out, *accepted);
+            put_string(out, reason);
+            put_blob(out, held);
+        }
+        Message::StreamData {
+            migration,
+            seq,
+            encoding,
+            raw_len,
+            data,
+        } => {
+            out.put_slice(migration);
+            out.put_u64(*seq);
+            put_encoding(out, *encoding);
+            out.put_u32(*raw_len);
+            put_blob(out, data);
+        }
+        Message::StreamBack { migration, data } => {
+            out.put_slice(migration);
+            put_blob(out, data);
+        }
+        Message::StreamEnd { migration, batches } => {
+            out.put_slice(migration);
+            out.put_u64(*batches);
+        }
+        Message::MigrateOutcome {
+            migration,
+            running,
+            message,
+        } => {
+            out.put_slice(migration);
+            put_bool(out, *running);
+            put_string(out, message);
+        }
     }
 }
 
@@ -366,6 +470,45 @@ pub(crate) fn read_payload(
         },
         MessageType::Pong => Message::Pong {
             nonce: r.u64("nonce")?,
+        },
+        MessageType::MigrateOpen => Message::MigrateOpen {
+            migration: r.array("migration")?,
+            vm: r.string("vm")?,
+            spec: read_blob(&mut r, "spec")?,
+        },
+        MessageType::MigrateReady => Message::MigrateReady {
+            migration: r.array("migration")?,
+            accepted: r.bool("accepted")?,
+            reason: r.string("reason")?,
+            held: read_blob(&mut r, "held")?,
+        },
+        MessageType::StreamData => {
+            let migration = r.array("migration")?;
+            let seq = r.u64("seq")?;
+            let encoding = read_encoding(&mut r)?;
+            let raw_len = r.u32("raw_len")?;
+            let data = read_blob(&mut r, "data")?;
+            check_chunk(encoding, raw_len, data.len())?;
+            Message::StreamData {
+                migration,
+                seq,
+                encoding,
+                raw_len,
+                data,
+            }
+        }
+        MessageType::StreamBack => Message::StreamBack {
+            migration: r.array("migration")?,
+            data: read_blob(&mut r, "data")?,
+        },
+        MessageType::StreamEnd => Message::StreamEnd {
+            migration: r.array("migration")?,
+            batches: r.u64("batches")?,
+        },
+        MessageType::MigrateOutcome => Message::MigrateOutcome {
+            migration: r.array("migration")?,
+            running: r.bool("running")?,
+            message: r.string("message")?,
         },
     };
     r.finish()?;

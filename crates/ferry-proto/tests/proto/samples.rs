@@ -125,6 +125,37 @@ pub fn small_messages() -> Vec<Message> {
         },
         Message::Ping { nonce: 42 },
         Message::Pong { nonce: 42 },
+        Message::MigrateOpen {
+            migration: TRANSFER,
+            vm: "web1".into(),
+            spec: Bytes::from_static(b"{\"name\":\"web1\"}"),
+        },
+        Message::MigrateReady {
+            migration: TRANSFER,
+            accepted: true,
+            reason: String::new(),
+            held: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]),
+        },
+        Message::StreamData {
+            migration: TRANSFER,
+            seq: 7,
+            encoding: Encoding::Raw,
+            raw_len: 3,
+            data: Bytes::from_static(b"QEV"),
+        },
+        Message::StreamBack {
+            migration: TRANSFER,
+            data: Bytes::from_static(&[0, 1, 0, 4, 0, 0, 0, 0]),
+        },
+        Message::StreamEnd {
+            migration: TRANSFER,
+            batches: 9,
+        },
+        Message::MigrateOutcome {
+            migration: TRANSFER,
+            running: true,
+            message: String::new(),
+        },
     ]
 }
 

@@ -155,6 +155,52 @@ pub fn message() -> impl Strategy<Value = Message> {
         (any::<u16>(), text()).prop_map(|(code, message)| Message::Error { code, message }),
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+        migration_message(),
+    ]
+}
+
+fn migration_message() -> impl Strategy<Value = Message> {
+    let migration = any::<[u8; 16]>;
+    prop_oneof![
+        (migration(), text(), bytes(256))
+            .prop_map(|(migration, vm, spec)| Message::MigrateOpen { migration, vm, spec }),
+        (migration(), any::<bool>(), text(), bytes(256)).prop_map(
+            |(migration, accepted, reason, held)| Message::MigrateReady {
+                migration,
+                accepted,
+                reason,
+                held
+            }
+        ),
+        (migration(), any::<u64>(), bytes(256)).prop_map(|(migration, seq, data)| {
+            Message::StreamData {
+                migration,
+                seq,
+                encoding: Encoding::Raw,
+                raw_len: data.len() as u32,
+                data,
+            }
+        }),
+        (migration(), any::<u64>(), 0..=MAX_CHUNK_LEN as u32, bytes(64)).prop_map(
+            |(migration, seq, raw_len, data)| Message::StreamData {
+                migration,
+                seq,
+                encoding: Encoding::Zstd,
+                raw_len,
+                data,
+            }
+        ),
+        (migration(), bytes(256))
+            .prop_map(|(migration, data)| Message::StreamBack { migration, data }),
+        (migration(), any::<u64>())
+            .prop_map(|(migration, batches)| Message::StreamEnd { migration, batches }),
+        (migration(), any::<bool>(), text()).prop_map(|(migration, running, message)| {
+            Message::MigrateOutcome {
+                migration,
+                running,
+                message,
+            }
+        }),
     ]
 }
 
