@@ -24,6 +24,8 @@ pub struct LabArgs {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Create the sites and links (idempotent: an identical lab that is up is left as it is).
+    /// The guest segments of all sites but `client` are stretched into one over VXLAN across
+    /// the emulated WAN, so a guest keeps its address (and gateway) when it runs in another site.
     Up(UpArgs),
     /// Remove every namespace, device and process the lab made, and nothing else.
     Down,
@@ -257,6 +259,14 @@ pub fn print_probe(r: &ferry_lab::probe::ProbeReport) {
 fn print_sites(cfg: &LabConfig) {
     for s in &cfg.sites {
         println!("  site {:<8} namespace {:<16} wan {:<12} guests {}/24", s.name, cfg.namespace(s), s.wan_addr(), s.guest_subnet());
+    }
+    let stretched: Vec<_> = ferry_lab::stretch::stretched_sites(cfg).iter().map(|s| s.name.as_str()).collect();
+    if stretched.len() >= 2 {
+        println!(
+            "  guest segments of {} stretched into one: VXLAN {} over the WAN between endpoints 198.18.1.<site index>",
+            stretched.join(", "),
+            ferry_lab::stretch::VNI
+        );
     }
     for l in &cfg.links {
         let p = &l.params;

@@ -175,6 +175,8 @@ impl Forwarder {
         let o = dst.octets();
         let index = match o {
             [198, 18, 0, i] => i,
+            // VXLAN tunnel endpoints of the stretched guest segment (`Site::vtep_addr`).
+            [198, 18, 1, i] => i,
             [198, 19, i, _] => i,
             _ => return None,
         } as usize;

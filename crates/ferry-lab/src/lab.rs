@@ -1,9 +1,11 @@
-//! Bringing a lab up and down: namespaces, the guest bridge in each site, the forwarder process.
+//! Bringing a lab up and down: namespaces, the guest bridge in each site, the forwarder process,
+//! the guest segment stretched across the sites (`stretch`).
 //! Everything made is recorded in the lab's state directory first, so `down` removes exactly
 //! that — also after a crash half-way through `up` or of the forwarder.
 use crate::control::{self, LabStatus, Request};
+use crate::stretch;
 use crate::sys::{self, ip_in, run};
-use crate::topology::LabConfig;
+use crate::topology::{LabConfig, Site};
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -45,7 +47,7 @@ pub enum UpOutcome {
 pub fn up(cfg: &LabConfig, ferry_exe: &Path) -> Result<UpOutcome> {
     sys::require_root("ferry lab up")?;
     if let Some(existing) = load(&cfg.name)? {
-        if &existing == cfg && forwarder_pid(&cfg.name).is_some() && all_namespaces_present(cfg) {
+        if &existing == cfg && forwarder_pid(&cfg.name).is_some() && all_namespaces_present(cfg) && stretch::joined(cfg) {
             return Ok(UpOutcome::AlreadyUp);
         }
         tracing::info!(lab = %cfg.name, "replacing the lab's previous state");
@@ -54,7 +56,7 @@ pub fn up(cfg: &LabConfig, ferry_exe: &Path) -> Result<UpOutcome> {
     let dir = state_dir(&cfg.name);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(cfg)?)?;
-    let result = create_sites(cfg).and_then(|_| start_forwarder(cfg, ferry_exe));
+    let result = create_sites(cfg).and_then(|_| start_forwarder(cfg, ferry_exe)).and_then(|_| stretch::join(cfg));
     if let Err(e) = result {
         let _ = down(&cfg.name);
         return Err(e);
@@ -74,11 +76,19 @@ fn create_sites(cfg: &LabConfig) -> Result<()> {
         }
         ip_in(&ns, &["link", "set", "lo", "up"])?;
         run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]))?;
-        ip_in(&ns, &["link", "add", GUEST_BRIDGE, "type", "bridge"])?;
+        ip_in(&ns, &["link", "add", GUEST_BRIDGE, "address", &bridge_mac(site), "type", "bridge"])?;
         ip_in(&ns, &["addr", "add", &format!("{}/24", site.guest_gateway()), "dev", GUEST_BRIDGE])?;
         ip_in(&ns, &["link", "set", GUEST_BRIDGE, "up"])?;
     }
     Ok(())
+}
+
+/// A fixed MAC for a site's bridge: otherwise a bridge takes its lowest port's MAC, so the
+/// gateway's MAC would change under the guests whenever a tap (or a migrated guest's tap) is
+/// added; and on the stretched segment every site's bridge must differ. 02: locally
+/// administered; c6:13 = 198.19, then the site's index: "198.19.<index>.1".
+pub fn bridge_mac(site: &Site) -> String {
+    format!("02:00:c6:13:{:02x}:01", site.index)
 }
 
 fn start_forwarder(cfg: &LabConfig, ferry_exe: &Path) -> Result<()> {

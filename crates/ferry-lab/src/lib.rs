@@ -9,6 +9,7 @@ pub mod lab;
 pub mod link;
 pub mod probe;
 pub mod qemu;
+pub mod stretch;
 pub mod synthetic_image;
 pub mod sys;
 pub mod tamper;

@@ -29,10 +29,16 @@ impl Site {
     pub fn guest_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, self.index, 1)
     }
+    /// The site's VXLAN tunnel endpoint for the stretched guest segment (`stretch`), also on
+    /// its WAN interface. An address of its own so that its route can carry encapsulated
+    /// full-size frames while the site's own traffic keeps a 1500-byte path.
+    pub fn vtep_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 1, self.index)
+    }
     /// The site that owns `addr`, by the address plan above.
     pub fn owns(&self, addr: Ipv4Addr) -> bool {
         let o = addr.octets();
-        (o[0..3] == [198, 18, 0] && o[3] == self.index) || (o[0..3] == [198, 19, self.index])
+        (o[0..2] == [198, 18] && (o[2] == 0 || o[2] == 1) && o[3] == self.index) || (o[0..3] == [198, 19, self.index])
     }
 }
 
@@ -175,6 +181,8 @@ mod tests {
         let lab = LabConfig::new("t", &names(&["a", "b"]), default_params(), &[]).unwrap();
         assert_eq!(lab.site_for_addr("198.18.0.2".parse().unwrap()).unwrap().name, "b");
         assert_eq!(lab.site_for_addr("198.19.1.10".parse().unwrap()).unwrap().name, "a");
+        assert_eq!(lab.site_for_addr("198.18.1.2".parse().unwrap()).unwrap().name, "b");
+        assert!(lab.site_for_addr("198.18.2.1".parse().unwrap()).is_none());
         assert!(lab.site_for_addr("198.18.0.9".parse().unwrap()).is_none());
         assert!(lab.site_for_addr("10.0.0.1".parse().unwrap()).is_none());
     }
