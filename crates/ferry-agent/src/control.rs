@@ -19,6 +19,15 @@ use tokio::net::{UnixListener, UnixStream};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Send(SendRequest),
+    /// Starts a VM from its spec.
+    VmStart { spec: crate::vm::VmSpec },
+    VmList,
+    /// Stops a VM: ACPI power-down with `grace_ms` to honour it, then QEMU quits.
+    VmStop { name: String, grace_ms: u64 },
+    /// The last lines of a VM's serial console.
+    VmConsole { name: String, lines: usize },
+    /// Moves a running VM to another site.
+    Migrate(crate::migrate::MigrateRequest),
     /// Ready (warm) connections per peer site.
     Status,
 }
@@ -47,6 +56,18 @@ pub enum Event {
     Done(SendSummary),
     Failed { error: String },
     Status { peers: std::collections::BTreeMap<String, crate::warm::PeerStatus> },
+    MigrateProgress { status: String, stream_bytes: u64, remaining: u64, wire_sent: u64, seconds: f64 },
+    Migrated(crate::migrate::MigrateSummary),
+    Vms { vms: Vec<crate::vm::VmInfo> },
+    Console { text: String },
+    Ok { message: String },
+}
+
+impl Event {
+    /// The answer that ends a request (the rest report progress).
+    pub fn is_final(&self) -> bool {
+        matches!(self, Event::Done(_) | Event::Failed { .. } | Event::Status { .. } | Event::Migrated(_) | Event::Vms { .. } | Event::Console { .. } | Event::Ok { .. })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,39 +88,68 @@ pub struct SendSummary {
     pub encrypted: bool,
 }
 
-pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>, warm: Arc<Warm>) -> Result<()> {
+/// What a control request can reach: the agent's settings, its sessions and its VMs.
+pub struct Agent {
+    pub cfg: Arc<AgentConfig>,
+    pub identity: Arc<Identity>,
+    pub warm: Arc<Warm>,
+    pub vms: Arc<crate::vm::Vms>,
+    pub store: Arc<std::sync::Mutex<crate::pages::PageStore>>,
+}
+
+pub async fn serve(agent: Arc<Agent>) -> Result<()> {
+    let cfg = agent.cfg.clone();
     let path = cfg.control_socket();
     std::fs::create_dir_all(path.parent().unwrap())?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let (cfg, identity, warm) = (cfg.clone(), identity.clone(), warm.clone());
+        let agent = agent.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &cfg, &identity, &warm).await {
+            if let Err(e) = handle(stream, &agent).await {
                 tracing::warn!("control request failed: {e:#}");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, cfg: &AgentConfig, identity: &Identity, warm: &Warm) -> Result<()> {
+async fn handle(stream: UnixStream, agent: &Agent) -> Result<()> {
+    let (cfg, identity, warm) = (&*agent.cfg, &*agent.identity, &*agent.warm);
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
-    let req = match serde_json::from_str(&line).context("malformed control request")? {
-        Request::Send(req) => req,
-        Request::Status => return emit(&mut write, &Event::Status { peers: warm.status(cfg.link_rate_bps).await }).await,
-    };
+    let failed = |e: anyhow::Error| Event::Failed { error: format!("{e:#}") };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let work = run_send(cfg, identity, warm, req, tx);
+    let work: std::pin::Pin<Box<dyn std::future::Future<Output = Event> + Send + '_>> = match serde_json::from_str(&line).context("malformed control request")? {
+        Request::Status => return emit(&mut write, &Event::Status { peers: warm.status(cfg.link_rate_bps).await }).await,
+        Request::Send(req) => Box::pin(async move { run_send(cfg, identity, warm, req, tx).await.map_or_else(failed, Event::Done) }),
+        Request::VmStart { spec } => Box::pin(async move {
+            match agent.vms.start(&spec, false).await {
+                Ok(_) => Event::Ok { message: format!("VM {} started (pid {})", spec.name, agent.vms.pid(&spec.name).unwrap_or(0)) },
+                Err(e) => failed(e),
+            }
+        }),
+        Request::VmList => Box::pin(async move { Event::Vms { vms: agent.vms.list().await } }),
+        Request::VmStop { name, grace_ms } => Box::pin(async move {
+            match agent.vms.stop(&name, Duration::from_millis(grace_ms)).await {
+                Ok(()) => Event::Ok { message: format!("VM {name} stopped") },
+                Err(e) => failed(e),
+            }
+        }),
+        Request::VmConsole { name, lines } => Box::pin(async move { agent.vms.console(&name, lines).map_or_else(failed, |text| Event::Console { text }) }),
+        Request::Migrate(req) => Box::pin(async move {
+            let ctx = crate::migrate::source::SourceContext { cfg, identity, warm, vms: &agent.vms, store: agent.store.clone() };
+            crate::migrate::source::migrate_out(&ctx, req, tx).await.map_or_else(failed, Event::Migrated)
+        }),
+    };
     tokio::pin!(work);
+    let mut progress_open = true;
     loop {
         tokio::select! {
-            ev = rx.recv() => if let Some(ev) = ev { emit(&mut write, &ev).await? },
-            result = &mut work => {
+            ev = rx.recv(), if progress_open => match ev { Some(ev) => emit(&mut write, &ev).await?, None => progress_open = false },
+            ev = &mut work => {
                 while let Ok(ev) = rx.try_recv() { emit(&mut write, &ev).await?; }
-                let ev = match result { Ok(s) => Event::Done(s), Err(e) => Event::Failed { error: format!("{e:#}") } };
                 emit(&mut write, &ev).await?;
                 return Ok(());
             }
@@ -207,10 +257,10 @@ pub async fn request(socket: &std::path::Path, req: &Request, mut on_event: impl
     let mut lines = BufReader::new(read).lines();
     while let Some(l) = lines.next_line().await? {
         let ev: Event = serde_json::from_str(&l).context("malformed event from the agent")?;
-        match ev {
-            Event::Done(_) | Event::Failed { .. } | Event::Status { .. } => return Ok(ev),
-            _ => on_event(&ev),
+        if ev.is_final() {
+            return Ok(ev);
         }
+        on_event(&ev);
     }
     anyhow::bail!("the agent closed the control connection without a result")
 }

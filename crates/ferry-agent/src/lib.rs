@@ -4,3 +4,7 @@ pub mod config;
 pub mod control;
 pub mod session;
 pub mod warm;
+pub mod qmp;
+pub mod vm;
+pub mod pages;
+pub mod migrate;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use ferry_proto::{FrameCodec, Message, PROTOCOL_VERSION};
 use ferry_transfer::receiver::{self, ReceiverConfig};
 use ferry_transfer::wire::{self, Conn};
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -191,14 +191,14 @@ pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: 
     Ok((conns, rtt))
 }
 
-fn rand_bytes<const N: usize>() -> [u8; N] {
+pub fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).expect("/dev/urandom");
     b
 }
 
 /// Accepts sessions from other sites until the listener fails.
-pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>) -> Result<()> {
+pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>, migrations: Arc<crate::migrate::incoming::Shared>) -> Result<()> {
     let listener = {
         let socket = sized_socket(cfg.listen)?;
         socket.set_reuseaddr(true)?;
@@ -211,9 +211,9 @@ pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>) -> Result<()>
     loop {
         let (tcp, from) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let (identity, receiver_cfg, sessions) = (identity.clone(), receiver_cfg.clone(), sessions.clone());
+        let (identity, receiver_cfg, sessions, migrations) = (identity.clone(), receiver_cfg.clone(), sessions.clone(), migrations.clone());
         tokio::spawn(async move {
-            if let Err(e) = accept_one(tcp, from, &identity, receiver_cfg, sessions).await {
+            if let Err(e) = accept_one(tcp, from, &identity, receiver_cfg, sessions, migrations).await {
                 tracing::warn!(%from, "connection refused or failed: {e:#}");
             }
         });
@@ -226,6 +226,7 @@ async fn accept_one(
     identity: &Identity,
     receiver_cfg: Arc<ReceiverConfig>,
     sessions: Arc<Mutex<HashMap<[u8; 16], Weak<receiver::Session>>>>,
+    migrations: Arc<crate::migrate::incoming::Shared>,
 ) -> Result<()> {
     let counted = Counted { inner: tcp, counter: Arc::default() };
     let (stream, peer): (BoxStream, String) = match &identity.server {
@@ -254,6 +255,15 @@ async fn accept_one(
         }
     };
     conn.send(Message::HelloAck { version: agreed, site: identity.site.clone() }).await?;
+    // What the session is for shows in its first message: a migration opens every connection
+    // with MIGRATE_OPEN; anything else belongs to a transfer.
+    let first = match tokio::time::timeout(wire::IDLE_LIMIT, conn.next()).await {
+        Err(_) | Ok(None) => return Ok(()), // a spare connection the sender never needed
+        Ok(Some(m)) => m.context("reading from the sender")?,
+    };
+    if matches!(first, Message::MigrateOpen { .. }) {
+        return crate::migrate::incoming::serve(conn, first, migrations, peer).await;
+    }
     let shared = {
         let mut map = sessions.lock().unwrap();
         map.retain(|_, s| s.strong_count() > 0);
@@ -267,5 +277,5 @@ async fn accept_one(
         }
     };
     tracing::debug!(%from, %peer, connection_index, "session connection accepted");
-    receiver::serve(conn, shared).await
+    receiver::serve(conn, shared, Some(first)).await
 }

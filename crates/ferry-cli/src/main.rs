@@ -3,6 +3,7 @@ mod bench_cmd;
 mod demo;
 mod lab_cmd;
 mod transfer_cmd;
+mod vm_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     /// Move disk images between sites.
     #[command(subcommand)]
     Image(transfer_cmd::ImageCommand),
+    /// VMs run by the local agent: start, list, stop, console, migrate to another site.
+    Vm(vm_cmd::VmArgs),
     /// Benchmarks against today's tools in the lab (long: run by hand, not in CI).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -48,6 +51,7 @@ fn main() {
         Command::Agent(args) => transfer_cmd::agent(args),
         Command::Image(cmd) => transfer_cmd::image(cmd),
         Command::Status(args) => transfer_cmd::status(args),
+        Command::Vm(args) => vm_cmd::run(args),
     };
     if let Err(e) = result {
         eprintln!("ferry: error: {e:#}");

@@ -81,11 +81,15 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let identity = Arc::new(Identity::load(&cfg)?);
     tracing::info!(site = %cfg.site, data = %cfg.data_dir.display(), link_rate = %format_rate(cfg.link_rate_bps), "agent starting");
+    let vms = Arc::new(ferry_agent::vm::Vms::load(&cfg.data_dir));
+    let store = Arc::new(std::sync::Mutex::new(ferry_agent::pages::PageStore::open(&cfg.data_dir.join(".ferry/pages"))?));
+    let migrations = ferry_agent::migrate::incoming::Shared::new(vms.clone(), store.clone(), cfg.tenant_key()?);
     runtime()?.block_on(async move {
         let warm = ferry_agent::warm::Warm::start(cfg.clone(), identity.clone());
+        let agent = Arc::new(control::Agent { cfg: cfg.clone(), identity: identity.clone(), warm, vms, store });
         tokio::select! {
-            r = session::serve(cfg.clone(), identity.clone()) => r,
-            r = control::serve(cfg.clone(), identity.clone(), warm) => r,
+            r = session::serve(cfg.clone(), identity.clone(), migrations) => r,
+            r = control::serve(agent) => r,
         }
     })
 }

@@ -3,76 +3,19 @@
 //! killed agent never commits anything wrong.
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 
-struct Sites {
-    lab: Lab,
-    root: PathBuf,
-    agents: Vec<(String, Child)>,
+/// What the transfer tests ask of the sites.
+trait Send {
+    fn send_cmd(&self, src: &Path, dest: &str) -> Command;
+    fn send(&self, src: &Path, dest: &str) -> serde_json::Value;
 }
 
-impl Sites {
-    /// A lab with sites a and b, a CA, and an agent in each site.
-    fn new(name: &str, rtt: &str) -> Sites {
-        Sites::with_rate(name, rtt, "1gbit")
-    }
-
-    fn with_rate(name: &str, rtt: &str, rate: &str) -> Sites {
-        let lab = Lab::up(name, &["--no-client", "--rtt", rtt, "--rate", rate]);
-        let root = std::env::temp_dir().join(format!("ferry-transfer-{name}"));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let pki = root.join("pki");
-        ferry_ok(&["pki", "init", "--pki", pki.to_str().unwrap()]);
-        for s in ["a", "b"] {
-            ferry_ok(&["pki", "issue", s, "--pki", pki.to_str().unwrap()]);
-        }
-        let mut sites = Sites { lab, root, agents: vec![] };
-        sites.start_agent("a", &pki);
-        sites.start_agent("b", &pki);
-        sites
-    }
-
-    fn data(&self, site: &str) -> PathBuf {
-        self.root.join(site)
-    }
-
-    fn start_agent(&mut self, site: &str, pki: &Path) {
-        let (me, peer, peer_addr) = if site == "a" { ("198.18.0.1", "b", "198.18.0.2") } else { ("198.18.0.2", "a", "198.18.0.1") };
-        let log = std::fs::File::create(self.root.join(format!("agent-{site}.log"))).unwrap();
-        let child = ferry()
-            .args(["lab", "exec", "--lab", &self.lab.name, site, "--", env!("CARGO_BIN_EXE_ferry"), "agent", "--site", site])
-            .args(["--listen", &format!("{me}:7400"), "--data", self.data(site).to_str().unwrap(), "--pki", pki.to_str().unwrap()])
-            .args(["--peer", &format!("{peer}={peer_addr}:7400")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let sock = self.data(site).join(".ferry/agent.sock");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "agent {site} did not start:\n{}", self.agent_log(site));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.agents.push((site.to_string(), child));
-    }
-
-    fn kill_agent(&mut self, site: &str) {
-        let i = self.agents.iter().position(|(s, _)| s == site).unwrap();
-        let (_, mut child) = self.agents.remove(i);
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let _ = std::fs::remove_file(self.data(site).join(".ferry/agent.sock"));
-    }
-
-    fn agent_log(&self, site: &str) -> String {
-        std::fs::read_to_string(self.root.join(format!("agent-{site}.log"))).unwrap_or_default()
-    }
-
+impl Send for Sites {
     fn send_cmd(&self, src: &Path, dest: &str) -> Command {
         let mut c = ferry();
         c.args(["image", "send", src.to_str().unwrap(), "--to", "b", "--as", dest, "--json", "--data", self.data("a").to_str().unwrap()]);
@@ -83,15 +26,6 @@ impl Sites {
         let out = self.send_cmd(src, dest).output().unwrap();
         assert!(out.status.success(), "send failed:\n{}\nagent a:\n{}\nagent b:\n{}", text(&out), self.agent_log("a"), self.agent_log("b"));
         serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Sites {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.agents {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

@@ -76,18 +76,22 @@ struct Transfer {
 }
 
 /// Serves one connection of a session until the peer closes it or it fails.
-pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>) -> Result<()>
+/// Serves one connection of a transfer session; `first` is a message already read from it.
+pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>, mut first: Option<Message>) -> Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, mut stream) = conn.split();
     let (out, _writer) = wire::spawn_writer(sink);
     loop {
-        let msg = match tokio::time::timeout(wire::IDLE_LIMIT, stream.next()).await {
+        let msg = match first.take() {
+            Some(m) => m,
+            None => match tokio::time::timeout(wire::IDLE_LIMIT, stream.next()).await {
             Err(_) if !session.is_open() => return Ok(()), // an idle spare connection
             Err(_) => bail!("the sender sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),
             Ok(None) => return Ok(()),
             Ok(Some(m)) => m.context("reading from the sender")?,
+            },
         };
         match msg {
             Message::Open { transfer, path, size, chunking, base } => {

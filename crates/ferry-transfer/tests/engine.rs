@@ -43,7 +43,7 @@ async fn transfer_with(data_dir: &Path, source: &Path, dest: &str, connections: 
     let server = tokio::spawn(async move {
         for _ in 0..connections {
             let (tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(receiver::serve(Framed::new(tcp, FrameCodec), session.clone()));
+            tokio::spawn(receiver::serve(Framed::new(tcp, FrameCodec), session.clone(), None));
         }
     });
     let mut conns = Vec::new();

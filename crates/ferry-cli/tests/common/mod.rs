@@ -3,6 +3,10 @@
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 
+mod sites;
+#[allow(unused_imports)]
+pub use sites::Sites;
+
 pub fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }

@@ -1,0 +1,172 @@
+//! How a stretch of QEMU's migration stream travels: a batch of records, each literal stream
+//! bytes, a new RAM page, a reference to a page the destination holds, or a zero page. The
+//! destination turns a batch back into exactly the stream bytes it stood for.
+use crate::pages::{PageId, PageStore, PAGE};
+use anyhow::{bail, Context, Result};
+
+const LITERAL: u8 = 0;
+const PAGE_DATA: u8 = 1;
+const PAGE_REF: u8 = 2;
+const ZERO_PAGE: u8 = 3;
+
+/// A batch being built; consecutive literals merge into one record.
+#[derive(Default)]
+pub struct BatchEncoder {
+    buf: Vec<u8>,
+    /// Where the open literal record's length field is.
+    literal_len_at: Option<usize>,
+    /// Stream bytes this batch stands for.
+    pub stream_len: usize,
+}
+
+impl BatchEncoder {
+    pub fn literal(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self.literal_len_at {
+            Some(at) => {
+                let len = u32::from_be_bytes(self.buf[at..at + 4].try_into().unwrap()) as usize + bytes.len();
+                self.buf[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
+            }
+            None => {
+                self.buf.push(LITERAL);
+                self.literal_len_at = Some(self.buf.len());
+                self.buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            }
+        }
+        self.buf.extend_from_slice(bytes);
+        self.stream_len += bytes.len();
+    }
+
+    pub fn page(&mut self, data: &[u8]) {
+        self.record(PAGE_DATA, data);
+    }
+
+    pub fn page_ref(&mut self, id: &PageId) {
+        self.record(PAGE_REF, id);
+    }
+
+    pub fn zero_page(&mut self) {
+        self.record(ZERO_PAGE, &[]);
+    }
+
+    fn record(&mut self, tag: u8, body: &[u8]) {
+        self.literal_len_at = None;
+        self.buf.push(tag);
+        self.buf.extend_from_slice(body);
+        self.stream_len += if tag == LITERAL { body.len() } else { PAGE };
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The encoded batch so far; the encoder starts afresh.
+    pub fn take(&mut self) -> (Vec<u8>, usize) {
+        self.literal_len_at = None;
+        let len = std::mem::take(&mut self.stream_len);
+        (std::mem::take(&mut self.buf), len)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeStats {
+    pub pages_new: u64,
+    pub pages_ref: u64,
+    pub pages_zero: u64,
+    pub literal_bytes: u64,
+}
+
+/// Appends the stream bytes `batch` stands for to `out`, taking referenced pages from `store`
+/// and adding the new ones to it (named by `page_id`).
+pub fn decode(batch: &[u8], store: &mut PageStore, page_id: impl Fn(&[u8]) -> PageId, out: &mut Vec<u8>, stats: &mut DecodeStats) -> Result<()> {
+    let mut at = 0;
+    let take = |at: &mut usize, n: usize| -> Result<std::ops::Range<usize>> {
+        if batch.len() - *at < n {
+            bail!("a batch record is cut short at byte {at} of {}", batch.len());
+        }
+        *at += n;
+        Ok(*at - n..*at)
+    };
+    while at < batch.len() {
+        let tag = batch[at];
+        at += 1;
+        match tag {
+            LITERAL => {
+                let len = u32::from_be_bytes(batch[take(&mut at, 4)?].try_into().unwrap()) as usize;
+                out.extend_from_slice(&batch[take(&mut at, len)?]);
+                stats.literal_bytes += len as u64;
+            }
+            PAGE_DATA => {
+                let page = &batch[take(&mut at, PAGE)?];
+                store.insert(&page_id(page), page)?;
+                out.extend_from_slice(page);
+                stats.pages_new += 1;
+            }
+            PAGE_REF => {
+                let id: PageId = batch[take(&mut at, 32)?].try_into().unwrap();
+                let start = out.len();
+                out.resize(start + PAGE, 0);
+                if !store.read(&id, &mut out[start..]).context("reading the page store")? {
+                    bail!("the source referred to page {} which this site does not hold", hex(&id[..8]));
+                }
+                stats.pages_ref += 1;
+            }
+            ZERO_PAGE => {
+                out.resize(out.len() + PAGE, 0);
+                stats.pages_zero += 1;
+            }
+            t => bail!("unknown batch record type {t} at byte {}", at - 1),
+        }
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_decodes_to_the_stream_it_stood_for() {
+        let dir = std::env::temp_dir().join(format!("ferry-batch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = PageStore::open(&dir).unwrap();
+        let id = |p: &[u8]| *blake3::hash(p).as_bytes();
+        let a = vec![7u8; PAGE];
+        let mut e = BatchEncoder::default();
+        e.literal(b"QEVM");
+        e.literal(b"\0\0\0\x03");
+        e.page(&a);
+        e.zero_page();
+        e.literal(b"tail");
+        let (first, len) = e.take();
+        let mut out = Vec::new();
+        let mut stats = DecodeStats::default();
+        decode(&first, &mut store, id, &mut out, &mut stats).unwrap();
+        let mut want = b"QEVM\0\0\0\x03".to_vec();
+        want.extend_from_slice(&a);
+        want.extend_from_slice(&[0; PAGE]);
+        want.extend_from_slice(b"tail");
+        assert_eq!(out, want);
+        assert_eq!(len, want.len());
+        // A later batch refers to the page the first one carried.
+        e.page_ref(&id(&a));
+        let (second, _) = e.take();
+        assert_eq!(second.len(), 33);
+        out.clear();
+        decode(&second, &mut store, id, &mut out, &mut stats).unwrap();
+        assert_eq!(out, a);
+        assert_eq!((stats.pages_new, stats.pages_ref, stats.pages_zero, stats.literal_bytes), (1, 1, 1, 12));
+        // What the store does not hold, or a cut record, is an error, never wrong bytes.
+        e.page_ref(&[9; 32]);
+        let (unknown, _) = e.take();
+        assert!(decode(&unknown, &mut store, id, &mut out, &mut stats).unwrap_err().to_string().contains("does not hold"));
+        assert!(decode(&first[..first.len() - 1], &mut store, id, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,352 @@
+//! The destination side: the first MIGRATE_OPEN of a migration starts the VM's QEMU waiting for
+//! its state; batches arrive on every connection, are put back in order, rebuilt into QEMU's
+//! exact stream (references resolved from the page store) and written to QEMU; its return path
+//! goes back to the source. The VM counts as moved once QEMU reports it running. If the session
+//! ends before that, QEMU is killed: the source still runs the VM.
+use super::batch::{decode, DecodeStats};
+use super::page_id;
+use crate::pages::PageStore;
+use crate::vm::{process_alive, VmSpec, Vms};
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use ferry_proto::{Encoding, Message, MigrationId, MAX_CHUNK_LEN};
+use ferry_transfer::wire::{self, Conn};
+use futures::StreamExt;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, OnceCell};
+
+/// Batches decoded but not yet written to QEMU.
+const TO_QEMU_QUEUE: usize = 16;
+
+pub struct Shared {
+    pub vms: Arc<Vms>,
+    pub store: Arc<Mutex<PageStore>>,
+    pub tenant_key: [u8; 32],
+    migrations: Mutex<HashMap<MigrationId, Arc<Incoming>>>,
+}
+
+impl Shared {
+    pub fn new(vms: Arc<Vms>, store: Arc<Mutex<PageStore>>, tenant_key: [u8; 32]) -> Arc<Shared> {
+        Arc::new(Shared { vms, store, tenant_key, migrations: Mutex::default() })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub running: bool,
+    pub message: String,
+}
+
+struct Incoming {
+    id: MigrationId,
+    vm: String,
+    ready: OnceCell<std::result::Result<Bytes, String>>,
+    reorder: tokio::sync::Mutex<Reorder>,
+    /// Writers of the migration's connections: the return path and the outcome use the first
+    /// that still works.
+    outs: Mutex<Vec<mpsc::Sender<Message>>>,
+    live_connections: AtomicUsize,
+    outcome: watch::Sender<Option<Outcome>>,
+}
+
+#[derive(Default)]
+struct Reorder {
+    next: u64,
+    pending: BTreeMap<u64, Vec<u8>>,
+    end: Option<u64>,
+    to_qemu: Option<mpsc::Sender<Vec<u8>>>,
+}
+
+impl Incoming {
+    fn outcome_now(&self) -> Option<Outcome> {
+        self.outcome.borrow().clone()
+    }
+
+    /// Records how the migration ended (the first word stands) and tells the source.
+    fn finish(&self, running: bool, message: String) {
+        let mut first = false;
+        self.outcome.send_if_modified(|o| {
+            if o.is_none() {
+                *o = Some(Outcome { running, message: message.clone() });
+                first = true;
+            }
+            first
+        });
+        if first {
+            tracing::info!(vm = %self.vm, running, %message, "incoming migration ended");
+            self.tell_source(Message::MigrateOutcome { migration: self.id, running, message });
+        }
+    }
+
+    fn tell_source(&self, msg: Message) {
+        let outs = self.outs.lock().unwrap().clone();
+        for out in outs {
+            if out.try_send(msg.clone()).is_ok() {
+                return;
+            }
+        }
+    }
+
+    async fn deliver(&self, seq: u64, raw: Vec<u8>) -> Result<()> {
+        let mut r = self.reorder.lock().await;
+        if seq < r.next || r.pending.contains_key(&seq) {
+            bail!("batch {seq} arrived twice");
+        }
+        r.pending.insert(seq, raw);
+        loop {
+            let next = r.next;
+            let Some(b) = r.pending.remove(&next) else { break };
+            let Some(tx) = r.to_qemu.clone() else { bail!("batch {seq} arrived after the stream's end") };
+            tx.send(b).await.map_err(|_| anyhow::anyhow!("the destination QEMU's stream writer stopped"))?;
+            r.next += 1;
+        }
+        if r.end == Some(r.next) {
+            r.to_qemu = None;
+        }
+        Ok(())
+    }
+
+    async fn end(&self, batches: u64) {
+        let mut r = self.reorder.lock().await;
+        r.end = Some(batches);
+        if r.next == batches {
+            r.to_qemu = None;
+        }
+    }
+}
+
+/// Serves one connection of a migration session; `open` is its first message.
+pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared: Arc<Shared>, peer: String) -> Result<()> {
+    let Message::MigrateOpen { migration, vm, spec } = open else { bail!("not a migration") };
+    let inc = {
+        let mut map = shared.migrations.lock().unwrap();
+        map.entry(migration)
+            .or_insert_with(|| {
+                Arc::new(Incoming {
+                    id: migration,
+                    vm: vm.clone(),
+                    ready: OnceCell::new(),
+                    reorder: Default::default(),
+                    outs: Mutex::default(),
+                    live_connections: AtomicUsize::new(0),
+                    outcome: watch::channel(None).0,
+                })
+            })
+            .clone()
+    };
+    let (sink, mut stream) = conn.split();
+    let (out, _writer) = wire::spawn_writer(sink);
+    // A source that lost its session asks how the migration ended by opening it again.
+    if let Some(o) = inc.outcome_now() {
+        wire::queue(&out, Message::MigrateOutcome { migration, running: o.running, message: o.message }).await?;
+        return drain(stream).await;
+    }
+    let ready = inc.ready.get_or_init(|| async { start_incoming(&shared, &inc, &spec).await.map_err(|e| format!("{e:#}")) }).await.clone();
+    let held = match ready {
+        Err(reason) => {
+            wire::queue(&out, Message::MigrateReady { migration, accepted: false, reason, held: Bytes::new() }).await?;
+            return drain(stream).await;
+        }
+        Ok(held) => held,
+    };
+    let first = {
+        let mut outs = inc.outs.lock().unwrap();
+        outs.push(out.clone());
+        outs.len() == 1
+    };
+    wire::queue(&out, Message::MigrateReady { migration, accepted: true, reason: String::new(), held: if first { held } else { Bytes::new() } }).await?;
+    inc.live_connections.fetch_add(1, Relaxed);
+    let keepalive = {
+        let out = out.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(wire::KEEPALIVE).await;
+                wire::ping(&out);
+            }
+        })
+    };
+    let result = receive(&mut stream, &inc, &out).await;
+    keepalive.abort();
+    if inc.live_connections.fetch_sub(1, Relaxed) == 1 {
+        let running = inc.outcome_now().is_some_and(|o| o.running);
+        if !running {
+            let why = match &result {
+                Err(e) => format!("the session from {peer} ended before the VM ran: {e:#}"),
+                Ok(()) => format!("the session from {peer} ended before the VM ran"),
+            };
+            abort(&shared, &inc, why).await;
+        }
+    }
+    result
+}
+
+async fn drain<S: futures::Stream + Unpin>(mut stream: S) -> Result<()> {
+    // Keep the connection until the source closes it, so what was queued reaches it.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while stream.next().await.is_some() {} }).await;
+    Ok(())
+}
+
+async fn receive<S, E>(stream: &mut S, inc: &Incoming, out: &mpsc::Sender<Message>) -> Result<()>
+where
+    S: futures::Stream<Item = std::result::Result<Message, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    loop {
+        match wire::next(stream).await? {
+            Message::StreamData { seq, encoding, raw_len, data, .. } => {
+                let raw = match encoding {
+                    Encoding::Raw => data.to_vec(),
+                    Encoding::Zstd => tokio::task::spawn_blocking(move || zstd::bulk::decompress(&data, raw_len as usize)).await?.context("a batch does not decompress")?,
+                };
+                if raw.len() != raw_len as usize {
+                    bail!("batch {seq} is {} bytes, announced {raw_len}", raw.len());
+                }
+                inc.deliver(seq, raw).await?;
+            }
+            Message::StreamEnd { batches, .. } => inc.end(batches).await,
+            Message::Ping { nonce } => {
+                let _ = out.try_send(Message::Pong { nonce });
+            }
+            Message::Pong { .. } => {}
+            Message::Error { message, .. } => bail!("the source failed: {message}"),
+            other => bail!("unexpected {} during a migration", other.kind()),
+        }
+        if inc.outcome_now().is_some_and(|o| !o.running) {
+            bail!("the migration failed here");
+        }
+    }
+}
+
+/// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
+/// stream and read the return path. Returns the page-ID prefixes this site holds.
+async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) -> Result<Bytes> {
+    let spec: VmSpec = serde_json::from_slice(spec).context("the VM's spec")?;
+    if spec.name != inc.vm {
+        bail!("the spec names VM {:?}, the migration {:?}", spec.name, inc.vm);
+    }
+    if shared.vms.pid(&spec.name).is_some_and(process_alive) {
+        bail!("a VM named {:?} already runs on this site", spec.name);
+    }
+    shared.vms.start(&spec, true).await?;
+    let setup = async {
+        let mut qmp = shared.vms.qmp(&spec.name).await?;
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}]})).await?;
+        let path = shared.vms.dir(&spec.name).join("migrate-in.sock");
+        let _ = std::fs::remove_file(&path);
+        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", path.display())})).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break Ok::<_, anyhow::Error>(s),
+                Err(e) if Instant::now() > deadline => return Err(e).context("the destination QEMU does not listen for the stream"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    let sock = match setup.await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.vms.kill(&spec.name).await;
+            return Err(e);
+        }
+    };
+    let (to_qemu, from_session) = mpsc::channel(TO_QEMU_QUEUE);
+    inc.reorder.lock().await.to_qemu = Some(to_qemu);
+    {
+        let (sock, store, key, inc) = (sock.try_clone()?, shared.store.clone(), shared.tenant_key, inc.clone());
+        std::thread::spawn(move || {
+            let r = write_stream(sock, from_session, &store, &key);
+            match r {
+                Ok(stats) => tracing::info!(vm = %inc.vm, ?stats, "the whole stream is written to the destination QEMU"),
+                Err(e) => inc.finish(false, format!("{e:#}")),
+            }
+        });
+    }
+    {
+        let (mut sock, inc) = (sock, inc.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = sock.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                inc.tell_source_blocking(Message::StreamBack { migration: inc.id, data: Bytes::copy_from_slice(&buf[..n]) });
+            }
+        });
+    }
+    tokio::spawn(watch_qemu(shared.clone(), inc.clone()));
+    let held = shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8);
+    Ok(Bytes::from(held))
+}
+
+impl Incoming {
+    /// The return path must not lose a byte: wait for room rather than drop.
+    fn tell_source_blocking(&self, msg: Message) {
+        let outs = self.outs.lock().unwrap().clone();
+        for out in outs {
+            if out.blocking_send(msg.clone()).is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+fn write_stream(mut sock: UnixStream, mut batches: mpsc::Receiver<Vec<u8>>, store: &Mutex<PageStore>, key: &[u8; 32]) -> Result<DecodeStats> {
+    let mut out = Vec::with_capacity(2 << 20);
+    let mut stats = DecodeStats::default();
+    while let Some(b) = batches.blocking_recv() {
+        out.clear();
+        decode(&b, &mut store.lock().unwrap(), |p| page_id(key, p), &mut out, &mut stats)?;
+        sock.write_all(&out).context("writing the stream to the destination QEMU")?;
+    }
+    store.lock().unwrap().flush()?;
+    Ok(stats)
+}
+
+/// Waits until QEMU runs the VM (the migration succeeded) or exits (it failed).
+async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
+    let pid = shared.vms.pid(&inc.vm);
+    loop {
+        if inc.outcome_now().is_some() {
+            return;
+        }
+        if !pid.is_some_and(process_alive) {
+            let log = std::fs::read_to_string(shared.vms.dir(&inc.vm).join("qemu.log")).unwrap_or_default();
+            inc.finish(false, format!("the destination QEMU exited: {}", log.trim()));
+            shared.vms.kill(&inc.vm).await;
+            return;
+        }
+        let status = match shared.vms.qmp(&inc.vm).await {
+            Ok(mut q) => q.status().await,
+            Err(e) => Err(e),
+        };
+        // An error means QEMU is exiting: the next round sees it gone.
+        if status.is_ok_and(|s| s == "running") {
+            inc.finish(true, String::new());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The migration cannot complete here: QEMU goes (unless it already runs the VM).
+async fn abort(shared: &Arc<Shared>, inc: &Arc<Incoming>, why: String) {
+    if inc.outcome_now().is_some_and(|o| o.running) {
+        return;
+    }
+    // The watcher polls: look again before killing a VM that may have just started.
+    if let Ok(mut q) = shared.vms.qmp(&inc.vm).await {
+        if q.status().await.is_ok_and(|s| s == "running") {
+            inc.finish(true, String::new());
+            return;
+        }
+    }
+    inc.finish(false, why);
+    shared.vms.kill(&inc.vm).await;
+}

@@ -1,0 +1,49 @@
+//! Live migration of a running VM to another site. The source QEMU migrates into a local socket
+//! of the source agent; the agents carry the stream over the session's mutual-TLS connections,
+//! RAM pages by content ID; the destination agent rebuilds the exact stream for its QEMU, which
+//! waits with `-incoming`. QEMU's return path is relayed back, so the source QEMU completes only
+//! once the destination has loaded everything and runs.
+pub mod batch;
+pub mod incoming;
+pub mod source;
+
+use crate::pages::PageId;
+use serde::{Deserialize, Serialize};
+
+/// A page's content ID: keyed per tenant, since guest memory is attacker-controlled.
+pub fn page_id(key: &[u8; 32], page: &[u8]) -> PageId {
+    *blake3::keyed_hash(key, page).as_bytes()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    pub vm: String,
+    pub to: String,
+    /// The longest pause the operator accepts; QEMU's `downtime-limit` is derived from it and
+    /// the measured RTT.
+    pub downtime_ms: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MigrateSummary {
+    pub vm: String,
+    pub to: String,
+    pub seconds: f64,
+    /// QEMU's own figure for the pause (source side, up to the destination's go-ahead).
+    pub qemu_downtime_ms: Option<f64>,
+    pub qemu_total_ms: Option<f64>,
+    pub rtt_ms: f64,
+    pub connections: usize,
+    /// Every byte the session's sockets sent and received.
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    /// The stream QEMU wrote, and how it travelled.
+    pub stream_bytes: u64,
+    pub pages_sent: u64,
+    pub pages_referenced: u64,
+    pub pages_zero: u64,
+    pub literal_bytes: u64,
+    /// Set when ferry stopped understanding the stream and carried the rest opaque.
+    pub opaque: Option<String>,
+    pub encrypted: bool,
+}

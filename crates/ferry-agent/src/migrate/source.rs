@@ -1,0 +1,439 @@
+//! The source side: QEMU migrates into a local socket; a pump thread splits its stream into
+//! batches (pages the destination holds become references), a pool compresses them, every
+//! connection of the session drains one shared queue, and the destination's return path is
+//! written back to QEMU.
+//!
+//! Queues are small on purpose: QEMU measures its bandwidth by how fast its socket drains, and
+//! decides when to stop the VM from that figure, so nothing between QEMU and the WAN may soak
+//! up more than a few hundred KiB (see `session::NOTSENT_LOWAT` for the sockets' share).
+use super::batch::BatchEncoder;
+use super::{page_id, MigrateRequest, MigrateSummary};
+use crate::config::AgentConfig;
+use crate::control::Event;
+use crate::pages::{prefix, PageId, PageStore, PAGE};
+use crate::session::{self, BoxStream, Identity, WireCounter};
+use crate::vm::Vms;
+use crate::warm::Warm;
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use ferry_migrate::{Piece, Splitter, StreamEvent};
+use ferry_proto::{Encoding, Message, MigrationId};
+use ferry_transfer::wire::{self, Conn};
+use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Stream bytes per batch: large enough to compress well, small enough that the last batch
+/// before the pause is not held back long.
+const BATCH: usize = 256 << 10;
+/// Batches between the pump and the compressors, and messages waiting for a connection.
+const RAW_QUEUE: usize = 4;
+const SEND_QUEUE: usize = 8;
+const COMPRESSORS: usize = 2;
+
+/// What the pump has seen, shared with the task that reports progress.
+#[derive(Default)]
+struct PumpState {
+    stream_bytes: AtomicU64,
+    pages_sent: AtomicU64,
+    pages_referenced: AtomicU64,
+    pages_zero: AtomicU64,
+    literal_bytes: AtomicU64,
+    /// The RAM section's END went by: the source VM has stopped.
+    ram_end: AtomicBool,
+    opaque: Mutex<Option<String>>,
+}
+
+/// What the destination holds, as far as the source knows: pages sent in this migration and
+/// those the destination listed when it accepted.
+struct Dedup {
+    key: [u8; 32],
+    sent: HashSet<PageId>,
+    held: HashSet<u64>,
+}
+
+impl Dedup {
+    fn page(&mut self, data: &[u8], enc: &mut BatchEncoder, store: &mut PageStore, st: &PumpState) -> Result<()> {
+        if is_zero(data) {
+            enc.zero_page();
+            st.pages_zero.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        let id = page_id(&self.key, data);
+        if self.sent.contains(&id) || self.held.contains(&prefix(&id)) {
+            enc.page_ref(&id);
+            st.pages_referenced.fetch_add(1, Relaxed);
+        } else {
+            enc.page(data);
+            self.sent.insert(id);
+            // Kept here too: should the VM come back, this site offers its pages.
+            store.insert(&id, data)?;
+            st.pages_sent.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let (pre, words, post) = unsafe { data.align_to::<u64>() };
+    pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
+}
+
+/// Reads QEMU's stream until QEMU closes it, handing batches on in stream order.
+fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, st: Arc<PumpState>) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut splitter = Splitter::new();
+    let mut enc = BatchEncoder::default();
+    let mut failed: Option<anyhow::Error> = None;
+    loop {
+        let n = match qemu.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading QEMU's migration stream"),
+        };
+        st.stream_bytes.fetch_add(n as u64, Relaxed);
+        let mut store = store.lock().unwrap();
+        let mut on_piece = |piece: Piece<'_>| {
+            if failed.is_some() {
+                return;
+            }
+            match piece {
+                Piece::Literal(b) => {
+                    enc.literal(b);
+                    st.literal_bytes.fetch_add(b.len() as u64, Relaxed);
+                }
+                Piece::Page { data, .. } => {
+                    if let Err(e) = dedup.page(data, &mut enc, &mut store, &st) {
+                        failed = Some(e);
+                    }
+                }
+                Piece::Event(StreamEvent::RamEnd) => st.ram_end.store(true, Relaxed),
+                Piece::Event(StreamEvent::Opaque(reason)) => {
+                    tracing::warn!("carrying the rest of the migration stream opaque: {reason}");
+                    *st.opaque.lock().unwrap() = Some(reason);
+                }
+                Piece::Event(_) => {}
+            }
+            if enc.stream_len >= BATCH {
+                let (b, _) = enc.take();
+                if out.blocking_send(b).is_err() {
+                    failed = Some(anyhow::anyhow!("the session ended"));
+                }
+            }
+        };
+        if n == 0 {
+            splitter.finish(&mut on_piece);
+        } else {
+            splitter.feed(&buf[..n], &mut on_piece);
+        }
+        drop(store);
+        if let Some(e) = failed.take() {
+            return Err(e);
+        }
+        // Whatever QEMU wrote goes out now: near the pause, every millisecond held back here
+        // is downtime.
+        if !enc.is_empty() {
+            let (b, _) = enc.take();
+            out.blocking_send(b).map_err(|_| anyhow::anyhow!("the session ended"))?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn encode_batch(migration: MigrationId, seq: u64, raw: Vec<u8>) -> Message {
+    let raw_len = raw.len() as u32;
+    if raw.len() >= 512 {
+        if let Ok(z) = zstd::bulk::compress(&raw, 1) {
+            if z.len() * 100 <= raw.len() * 97 {
+                return Message::StreamData { migration, seq, encoding: Encoding::Zstd, raw_len, data: Bytes::from(z) };
+            }
+        }
+    }
+    Message::StreamData { migration, seq, encoding: Encoding::Raw, raw_len, data: Bytes::from(raw) }
+}
+
+/// Compresses batches in parallel and queues them in order, then the end marker.
+async fn compress_in_order(migration: MigrationId, mut raw: mpsc::Receiver<Vec<u8>>, out: mpsc::Sender<Message>) -> Result<()> {
+    let mut pending: FuturesOrdered<tokio::task::JoinHandle<Message>> = FuturesOrdered::new();
+    let mut seq = 0u64;
+    let mut input_done = false;
+    while !(input_done && pending.is_empty()) {
+        tokio::select! {
+            Some(done) = pending.next(), if !pending.is_empty() => {
+                let msg: Message = done.context("compressor panicked")?;
+                out.send(msg).await.map_err(|_| anyhow::anyhow!("the session ended"))?;
+            }
+            b = raw.recv(), if !input_done && pending.len() < COMPRESSORS => match b {
+                Some(b) => {
+                    let s = seq;
+                    pending.push_back(tokio::task::spawn_blocking(move || encode_batch(migration, s, b)));
+                    seq += 1;
+                }
+                None => input_done = true,
+            },
+        }
+    }
+    out.send(Message::StreamEnd { migration, batches: seq }).await.map_err(|_| anyhow::anyhow!("the session ended"))?;
+    Ok(())
+}
+
+type Sink = SplitSink<Conn<BoxStream>, Message>;
+type Source = SplitStream<Conn<BoxStream>>;
+
+/// One connection's writer: takes the next message from the shared queue, pinging while idle.
+async fn write_loop(mut sink: Sink, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Message>>>) -> Result<()> {
+    let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
+    let mut drained = false;
+    loop {
+        let msg = tokio::select! {
+            m = async { queue.lock().await.recv().await }, if !drained => match m {
+                Some(m) => m,
+                None => { drained = true; continue }
+            },
+            _ = keepalive.tick() => Message::Ping { nonce: 0 },
+        };
+        sink.send(msg).await.context("sending to the destination")?;
+    }
+}
+
+enum FromDest {
+    Outcome { running: bool, message: String },
+}
+
+async fn read_loop(mut stream: Source, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>) -> Result<()> {
+    loop {
+        match wire::next(&mut stream).await? {
+            Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::StreamBack { data, .. } => {
+                let _ = back.send(data);
+            }
+            Message::MigrateOutcome { running, message, .. } => {
+                let _ = events.send(FromDest::Outcome { running, message }).await;
+            }
+            Message::Error { message, .. } => bail!("the destination failed: {message}"),
+            other => bail!("unexpected {} from the destination", other.kind()),
+        }
+    }
+}
+
+pub struct SourceContext<'a> {
+    pub cfg: &'a AgentConfig,
+    pub identity: &'a Identity,
+    pub warm: &'a Warm,
+    pub vms: &'a Vms,
+    pub store: Arc<Mutex<PageStore>>,
+}
+
+pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
+    let started = Instant::now();
+    let spec = ctx.vms.spec(&req.vm)?;
+    if !spec.disks.is_empty() {
+        bail!("VM {} has local disks; moving disks live is not implemented yet — nothing was changed", req.vm);
+    }
+    let counter = Arc::new(WireCounter::default());
+    let (mut conns, rtt) = session::open(ctx.cfg, ctx.identity, ctx.warm, &req.to, counter.clone()).await?;
+    let connections = conns.len();
+    let migration: MigrationId = session::rand_bytes();
+    let spec_json = Bytes::from(serde_json::to_vec(&spec)?);
+    for c in conns.iter_mut() {
+        c.send(Message::MigrateOpen { migration, vm: req.vm.clone(), spec: spec_json.clone() }).await?;
+    }
+    let mut held = HashSet::new();
+    for c in conns.iter_mut() {
+        loop {
+            match wire::next(c).await.context("waiting for the destination to start the VM's QEMU")? {
+                Message::MigrateReady { accepted: false, reason, .. } => bail!("{} refused the VM: {reason}", req.to),
+                Message::MigrateReady { held: h, .. } => {
+                    held.extend(h.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap())));
+                    break;
+                }
+                Message::Ping { .. } | Message::Pong { .. } | Message::HelloAck { .. } => {}
+                other => bail!("unexpected {} from {} before it was ready", other.kind(), req.to),
+            }
+        }
+    }
+    let _ = events.send(Event::Started { size: spec.memory_mib as u64 * (1 << 20), connections: conns.len(), rtt_ms: rtt.as_secs_f64() * 1e3, attempt: 1 });
+
+    let mut qmp = ctx.vms.qmp(&req.vm).await?;
+    // The destination runs the moment it has loaded; the return path tells the source QEMU so.
+    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}]})).await?;
+    let downtime_limit = (req.downtime_ms as f64 - rtt.as_secs_f64() * 1e3 / 2.0).max(20.0) as u64;
+    qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
+    let sock_path = ctx.vms.dir(&req.vm).join("migrate-out.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = tokio::net::UnixListener::bind(&sock_path)?;
+    qmp.execute("migrate", json!({"uri": format!("unix:{}", sock_path.display())})).await?;
+    let qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
+        Ok(Ok((s, _))) => s.into_std()?,
+        _ => {
+            let _ = qmp.execute("migrate_cancel", json!({})).await;
+            bail!("the source QEMU did not connect to the migration socket");
+        }
+    };
+    drop(qmp);
+    qemu.set_nonblocking(false)?;
+    let st = Arc::new(PumpState::default());
+    let outcome = relay(ctx, &req, migration, conns, held, qemu.try_clone()?, &st, &events, &counter, started).await;
+    match outcome {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = qemu.shutdown(std::net::Shutdown::Both);
+            let state = recover_source(ctx.vms, &req.vm).await;
+            return Err(e.context(format!("migration of {} to {} failed; {state}", req.vm, req.to)));
+        }
+    }
+    // The destination runs the VM: the source's copy ends here.
+    let mut qemu_downtime_ms = None;
+    let mut qemu_total_ms = None;
+    for _ in 0..100 {
+        let m = match ctx.vms.qmp(&req.vm).await {
+            Ok(mut q) => q.migration().await.unwrap_or_default(),
+            Err(_) => break,
+        };
+        if m["status"] == "completed" {
+            qemu_downtime_ms = m["downtime"].as_f64();
+            qemu_total_ms = m["total-time"].as_f64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctx.vms.kill(&req.vm).await;
+    let opaque = st.opaque.lock().unwrap().clone();
+    Ok(MigrateSummary {
+        vm: req.vm.clone(),
+        to: req.to.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+        qemu_downtime_ms,
+        qemu_total_ms,
+        rtt_ms: rtt.as_secs_f64() * 1e3,
+        connections,
+        wire_sent: counter.sent.load(Relaxed),
+        wire_received: counter.received.load(Relaxed),
+        stream_bytes: st.stream_bytes.load(Relaxed),
+        pages_sent: st.pages_sent.load(Relaxed),
+        pages_referenced: st.pages_referenced.load(Relaxed),
+        pages_zero: st.pages_zero.load(Relaxed),
+        literal_bytes: st.literal_bytes.load(Relaxed),
+        opaque,
+        encrypted: !ctx.cfg.insecure_plaintext,
+    })
+}
+
+/// Carries the stream until the destination reports its VM running; any error before that
+/// leaves the source to be recovered by the caller.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    ctx: &SourceContext<'_>,
+    req: &MigrateRequest,
+    migration: MigrationId,
+    conns: Vec<Conn<BoxStream>>,
+    held: HashSet<u64>,
+    qemu: UnixStream,
+    st: &Arc<PumpState>,
+    events: &mpsc::UnboundedSender<Event>,
+    counter: &Arc<WireCounter>,
+    started: Instant,
+) -> Result<()> {
+    let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(RAW_QUEUE);
+    let (send_tx, send_rx) = mpsc::channel::<Message>(SEND_QUEUE);
+    let (dest_tx, mut dest_rx) = mpsc::channel::<FromDest>(4);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Bytes>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let queue = Arc::new(tokio::sync::Mutex::new(send_rx));
+    for c in conns {
+        let (sink, stream) = c.split();
+        tasks.spawn(write_loop(sink, queue.clone()));
+        tasks.spawn(read_loop(stream, back_tx.clone(), dest_tx.clone()));
+    }
+    drop(back_tx);
+    tasks.spawn(compress_in_order(migration, raw_rx, send_tx));
+    // Pump and return-path writer are plain threads: QEMU's socket is blocking.
+    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent: HashSet::new(), held };
+    let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
+    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_st));
+    let mut rp_sock = qemu;
+    std::thread::spawn(move || {
+        for data in back_rx {
+            if rp_sock.write_all(&data).is_err() {
+                return;
+            }
+        }
+    });
+    tokio::pin!(pump_thread);
+    let mut pump_done = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let result = loop {
+        tokio::select! {
+            ev = dest_rx.recv() => match ev {
+                Some(FromDest::Outcome { running: true, .. }) => break Ok(()),
+                Some(FromDest::Outcome { running: false, message }) => break Err(anyhow::anyhow!("the destination could not run the VM: {message}")),
+                None => break Err(anyhow::anyhow!("every connection to {} closed", req.to)),
+            },
+            Some(done) = tasks.join_next() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(anyhow::anyhow!("a session task failed: {e}")),
+            },
+            r = &mut pump_thread, if !pump_done => {
+                pump_done = true;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(anyhow::anyhow!("the stream pump panicked: {e}")),
+                }
+            }
+            _ = tick.tick() => {
+                let m = ctx.vms.qmp(&req.vm).await?.migration().await?;
+                let status = m["status"].as_str().unwrap_or("").to_string();
+                if matches!(status.as_str(), "failed" | "cancelled") {
+                    break Err(anyhow::anyhow!("the source QEMU's migration {status}: {}", m["error-desc"].as_str().unwrap_or("no reason given")));
+                }
+                let _ = events.send(Event::MigrateProgress {
+                    status,
+                    stream_bytes: st.stream_bytes.load(Relaxed),
+                    remaining: m["ram"]["remaining"].as_u64().unwrap_or(0),
+                    wire_sent: counter.sent.load(Relaxed),
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+        }
+    };
+    tasks.abort_all();
+    result
+}
+
+/// After a failure: QEMU abandons the migration and, if it had stopped the VM, starts it again.
+/// Says what state the source VM is left in.
+async fn recover_source(vms: &Vms, vm: &str) -> String {
+    if let Ok(mut q) = vms.qmp(vm).await {
+        let _ = q.execute("migrate_cancel", json!({})).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = match vms.qmp(vm).await {
+            Ok(mut q) => q.status().await,
+            Err(e) => Err(e),
+        };
+        match status {
+            Ok(s) if s == "running" => return "the VM keeps running here".into(),
+            Ok(s) if s == "postmigrate" => {
+                return "IN DOUBT: the source QEMU completed (the destination loaded the VM) but the destination never confirmed it runs; the source VM stays paused — check the destination".into()
+            }
+            Ok(s) if Instant::now() > deadline => return format!("the source VM is {s}"),
+            Err(e) => return format!("the source QEMU does not answer: {e:#}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[allow(dead_code)]
+const _: () = assert!(PAGE == ferry_migrate::PAGE_SIZE);

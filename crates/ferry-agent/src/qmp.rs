@@ -1,0 +1,93 @@
+//! A QMP client: QEMU's JSON control protocol over its unix socket. One command at a time;
+//! asynchronous events that arrive meanwhile are kept for whoever asks for them.
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+pub struct Qmp {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+    pub events: Vec<Value>,
+    /// The socket failed (QEMU exited or closed it): a new connection is needed.
+    pub broken: bool,
+}
+
+impl Qmp {
+    /// Connects (waiting up to `within` for QEMU to create the socket) and leaves capabilities
+    /// negotiation mode.
+    pub async fn connect(socket: &Path, within: Duration) -> Result<Qmp> {
+        let deadline = Instant::now() + within;
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("QEMU's QMP socket {} does not answer", socket.display())),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut qmp = Qmp { lines: BufReader::new(read).lines(), write, events: Vec::new(), broken: false };
+        let greeting = qmp.read().await?;
+        if greeting.get("QMP").is_none() {
+            bail!("{} is not a QMP socket (it said {greeting})", socket.display());
+        }
+        qmp.execute("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    async fn read(&mut self) -> Result<Value> {
+        let line = match self.lines.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                self.broken = true;
+                bail!("QEMU closed its QMP socket")
+            }
+            Err(e) => {
+                self.broken = true;
+                return Err(e).context("reading from QMP");
+            }
+        };
+        serde_json::from_str(&line).with_context(|| format!("QMP sent malformed JSON: {line}"))
+    }
+
+    /// Runs a command and returns its `return` value; a QMP error becomes an error naming the
+    /// command.
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        let mut req = json!({ "execute": command });
+        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+            req["arguments"] = arguments;
+        }
+        let mut line = serde_json::to_string(&req)?;
+        line.push('\n');
+        if let Err(e) = self.write.write_all(line.as_bytes()).await {
+            self.broken = true;
+            return Err(e).with_context(|| format!("sending {command} to QMP"));
+        }
+        loop {
+            let msg = self.read().await.with_context(|| format!("waiting for QEMU's answer to {command}"))?;
+            if let Some(r) = msg.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = msg.get("error") {
+                bail!("QEMU refused {command}: {}", e.get("desc").and_then(Value::as_str).unwrap_or(&e.to_string()));
+            }
+            if msg.get("event").is_some() {
+                self.events.push(msg);
+            }
+        }
+    }
+
+    /// `query-status`'s `status` (`running`, `paused`, `inmigrate`, `postmigrate`, …).
+    pub async fn status(&mut self) -> Result<String> {
+        let r = self.execute("query-status", json!({})).await?;
+        Ok(r["status"].as_str().unwrap_or("unknown").to_string())
+    }
+
+    /// `query-migrate` as it is.
+    pub async fn migration(&mut self) -> Result<Value> {
+        self.execute("query-migrate", json!({})).await
+    }
+}

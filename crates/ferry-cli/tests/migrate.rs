@@ -1,0 +1,203 @@
+//! Running TCG guests move between lab sites through real agents over mutual TLS: the guest
+//! keeps its memory (its own checker finds no corrupt page) and its address, exactly one copy
+//! runs at the end, a return trip sends mostly references, and a cut link, a destination QEMU
+//! that dies or a killed destination agent leave the source VM running.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A guest spec for site `home`'s segment (the lab stretches it to the other sites).
+fn write_spec(dir: &Path, name: &str, workload: &str) -> PathBuf {
+    let image = ferry_lab::guest_image::build_guest_image(Path::new(ferry_lab::guest_image::DEFAULT_CACHE)).unwrap();
+    let spec = format!(
+        "name = \"{name}\"\nmemory_mib = 256\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\nappend = \"console=ttyS0 quiet panic=-1 ferry.ip=198.19.1.10/24 ferry.gw=198.19.1.1 {workload}\"\n[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:12:01:0a\"\n",
+        image.kernel.display(),
+        image.initrd.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+fn vm(sites: &Sites, site: &str, args: &[&str]) -> std::process::Output {
+    let data = sites.data(site);
+    ferry().arg("vm").args(args).args(["--data", data.to_str().unwrap()]).output().unwrap()
+}
+
+fn vm_ok(sites: &Sites, site: &str, args: &[&str]) -> String {
+    let out = vm(sites, site, args);
+    assert!(out.status.success(), "ferry vm {args:?} at {site}:\n{}\nagent a:\n{}\nagent b:\n{}", text(&out), tail(&sites.agent_log("a")), tail(&sites.agent_log("b")));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// The VMs a site runs, by name → (pid, state).
+fn vms(sites: &Sites, site: &str) -> Vec<(String, u64, String)> {
+    let v: serde_json::Value = serde_json::from_str(&vm_ok(sites, site, &["list", "--json"])).unwrap();
+    v.as_array().unwrap().iter().map(|x| (x["name"].as_str().unwrap().to_string(), x["pid"].as_u64().unwrap(), x["state"].as_str().unwrap().to_string())).collect()
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
+}
+
+/// The guest's latest heartbeat at `site` (its serial console there).
+fn last_heartbeat(sites: &Sites, site: &str) -> Option<String> {
+    String::from_utf8_lossy(&vm(sites, site, &["console", "g1", "--lines", "200"]).stdout).lines().filter(|l| l.starts_with("ferry-hb")).last().map(String::from)
+}
+
+/// Waits until the guest at `site` has beaten past `seq`; returns the heartbeat line.
+fn wait_heartbeat_after(sites: &Sites, site: &str, seq: u64, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(l) = last_heartbeat(sites, site) {
+            if field(&l, "seq").unwrap_or(0) > seq {
+                return l;
+            }
+        }
+        assert!(Instant::now() < deadline, "the guest at {site} did not beat past {seq}; console:\n{}", String::from_utf8_lossy(&vm(sites, site, &["console", "g1"]).stdout));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// QEMU processes running this test's g1 (at either site).
+fn qemu_copies(sites: &Sites) -> usize {
+    let pattern = format!("qemu-system-x86_64 -name g1 .*{}", sites.root.display());
+    let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn migrate(sites: &Sites, from: &str, to: &str) -> serde_json::Value {
+    let out = vm_ok(sites, from, &["migrate", "g1", "--to", to, "--json"]);
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn a_running_guest_moves_keeps_its_memory_and_address_and_comes_back_by_reference() {
+    let _serial = serial();
+    let sites = Sites::on(Lab::up("tmig", &["--rtt", "40ms", "--link", "client-a:rtt=2ms"]));
+    let spec = write_spec(&sites.root, "g1", "ferry.mem=96M ferry.dirty=2M");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    let before = wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(60));
+    assert_eq!(vms(&sites, "a")[0].2, "running");
+
+    // A client keeps talking to the guest's echo service while it moves.
+    let probe = ferry()
+        .args(["lab", "exec", "--lab", "tmig", "client", "--", env!("CARGO_BIN_EXE_ferry"), "lab", "probe", "198.19.1.10:7", "--duration", "25s", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let first = migrate(&sites, "a", "b");
+    println!("a→b: {first}");
+    assert!(vms(&sites, "a").is_empty(), "the source copy is gone");
+    let at_b = vms(&sites, "b");
+    assert_eq!((at_b.len(), at_b[0].2.as_str()), (1, "running"), "{at_b:?}");
+    assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
+    let after = wait_heartbeat_after(&sites, "b", field(&before, "seq").unwrap(), Duration::from_secs(30));
+    assert_eq!(field(&after, "corrupt"), Some(0), "the guest's memory check after the move: {after}");
+    // The stream was understood (pages by content), and the wire carried less than QEMU wrote.
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    assert!(first["opaque"].is_null(), "{first}");
+    assert!(n(&first, "pages_sent") * 4096 > 40 << 20, "{first}");
+    assert!(n(&first, "wire_sent") < n(&first, "stream_bytes"), "{first}");
+    assert!(first["encrypted"].as_bool().unwrap());
+
+    // Back to a, which kept the pages it sent: most of the memory travels as references.
+    std::thread::sleep(Duration::from_secs(2));
+    let back = migrate(&sites, "b", "a");
+    println!("b→a: {back}");
+    assert!(vms(&sites, "b").is_empty());
+    assert_eq!(qemu_copies(&sites), 1);
+    let home = wait_heartbeat_after(&sites, "a", field(&after, "seq").unwrap(), Duration::from_secs(30));
+    assert_eq!(field(&home, "corrupt"), Some(0), "{home}");
+    assert!(n(&back, "pages_referenced") > 3 * n(&back, "pages_sent"), "return trip: {back}");
+    assert!(n(&back, "wire_sent") * 3 < n(&first, "wire_sent"), "return trip sent {} B, first trip {} B", n(&back, "wire_sent"), n(&first, "wire_sent"));
+
+    let out = probe.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("probe: {}", text(&out)));
+    println!("probe: {report}");
+    // The guest answered at its old address after each move (across the stretched segment).
+    let (sent, received) = (report["sent"].as_u64().unwrap(), report["received"].as_u64().unwrap());
+    assert!(received as f64 > sent as f64 * 0.8, "{report}");
+    vm_ok(&sites, "a", &["stop", "g1", "--force"]);
+    assert_eq!(qemu_copies(&sites), 0);
+}
+
+/// Starts `ferry vm migrate` from a to b in the background.
+fn start_migrate(sites: &Sites) -> Child {
+    let data = sites.data("a");
+    ferry().args(["vm", "migrate", "g1", "--to", "b", "--json", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Waits until b's QEMU is receiving (so the failure hits a migration under way).
+fn wait_incoming(sites: &Sites) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((_, pid, state)) = vms(sites, "b").into_iter().next() {
+            if state == "inmigrate" {
+                std::thread::sleep(Duration::from_millis(1500));
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "b never started receiving");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The migration failed clearly, the source runs on with intact memory, b runs nothing.
+fn assert_source_survived(sites: &Sites, child: Child, why: &str, expect_in_error: &str) {
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{why}: the migration should fail:\n{}", text(&out));
+    assert!(err.contains("keeps running here") && err.contains(expect_in_error), "{why}: {err}");
+    let at_a = vms(sites, "a");
+    assert_eq!(at_a[0].2, "running", "{why}: {at_a:?}");
+    let seq = field(&last_heartbeat(sites, "a").unwrap(), "seq").unwrap();
+    let hb = wait_heartbeat_after(sites, "a", seq, Duration::from_secs(10));
+    assert_eq!(field(&hb, "corrupt"), Some(0), "{why}: {hb}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while qemu_copies(sites) != 1 {
+        assert!(Instant::now() < deadline, "{why}: {} QEMUs run g1; b: {:?}", qemu_copies(sites), vms(sites, "b"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_cut_link_a_dying_destination_qemu_or_a_killed_agent_leave_the_source_running() {
+    let _serial = serial();
+    let mut sites = Sites::on(Lab::up("tmigf", &["--no-client", "--rtt", "20ms", "--rate", "50mbit"]));
+    // Mostly random memory on a slow link: the migration takes long enough to be cut.
+    let spec = write_spec(&sites.root, "g1", "ferry.mem=160M ferry.dirty=1M ferry.mix=random:90,zero:10");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(90));
+
+    let child = start_migrate(&sites);
+    wait_incoming(&sites);
+    sites.lab.ferry(&["link", "a-b", "down"]);
+    assert_source_survived(&sites, child, "cut link", "link cut");
+    sites.lab.ferry(&["link", "a-b", "up"]);
+
+    let child = start_migrate(&sites);
+    let pid = wait_incoming(&sites);
+    unsafe { libc_kill(pid as i32, 9) };
+    assert_source_survived(&sites, child, "destination QEMU killed", "destination");
+
+    let child = start_migrate(&sites);
+    wait_incoming(&sites);
+    sites.kill_agent("b");
+    assert_source_survived(&sites, child, "destination agent killed", "");
+    vm_ok(&sites, "a", &["stop", "g1", "--force"]);
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
