@@ -138,9 +138,13 @@ fn start_migrate(sites: &Sites) -> Child {
 }
 
 /// Waits until b's QEMU is receiving (so the failure hits a migration under way).
-fn wait_incoming(sites: &Sites) -> u64 {
+fn wait_incoming(sites: &Sites, child: &mut Child) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        if child.try_wait().unwrap().is_some() {
+            let out = std::mem::replace(child, ferry().arg("--version").spawn().unwrap()).wait_with_output().unwrap();
+            panic!("the migration ended before b received anything:\n{}\nagent a:\n{}", text(&out), tail(&sites.agent_log("a")));
+        }
         if let Some((_, pid, state)) = vms(sites, "b").into_iter().next() {
             if state == "inmigrate" {
                 std::thread::sleep(Duration::from_millis(1500));
@@ -179,19 +183,19 @@ fn a_cut_link_a_dying_destination_qemu_or_a_killed_agent_leave_the_source_runnin
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(90));
 
-    let child = start_migrate(&sites);
-    wait_incoming(&sites);
+    let mut child = start_migrate(&sites);
+    wait_incoming(&sites, &mut child);
     sites.lab.ferry(&["link", "a-b", "down"]);
     assert_source_survived(&sites, child, "cut link", "link cut");
     sites.lab.ferry(&["link", "a-b", "up"]);
 
-    let child = start_migrate(&sites);
-    let pid = wait_incoming(&sites);
+    let mut child = start_migrate(&sites);
+    let pid = wait_incoming(&sites, &mut child);
     unsafe { libc_kill(pid as i32, 9) };
     assert_source_survived(&sites, child, "destination QEMU killed", "destination");
 
-    let child = start_migrate(&sites);
-    wait_incoming(&sites);
+    let mut child = start_migrate(&sites);
+    wait_incoming(&sites, &mut child);
     sites.kill_agent("b");
     assert_source_survived(&sites, child, "destination agent killed", "");
     vm_ok(&sites, "a", &["stop", "g1", "--force"]);

@@ -230,6 +230,11 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     if spec.name != inc.vm {
         bail!("the spec names VM {:?}, the migration {:?}", spec.name, inc.vm);
     }
+    // An earlier attempt whose session died may still hold the name: it is abandoned.
+    let stale: Vec<Arc<Incoming>> = shared.migrations.lock().unwrap().values().filter(|o| o.vm == spec.name && o.id != inc.id && o.live_connections.load(Relaxed) == 0 && o.outcome_now().is_none()).cloned().collect();
+    for o in stale {
+        abort(shared, &o, "a newer migration of the same VM replaced it".into()).await;
+    }
     if shared.vms.pid(&spec.name).is_some_and(process_alive) {
         bail!("a VM named {:?} already runs on this site", spec.name);
     }

@@ -233,17 +233,11 @@ pub struct SourceContext<'a> {
     pub store: Arc<Mutex<PageStore>>,
 }
 
-pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
-    let started = Instant::now();
-    let spec = ctx.vms.spec(&req.vm)?;
-    if !spec.disks.is_empty() {
-        bail!("VM {} has local disks; moving disks live is not implemented yet — nothing was changed", req.vm);
-    }
-    let counter = Arc::new(WireCounter::default());
+const SETUP_ATTEMPTS: u32 = 3;
+
+/// Opens the session and has the destination start the VM's QEMU waiting for the stream.
+async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, spec_json: &Bytes, counter: &Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, HashSet<u64>)> {
     let (mut conns, rtt) = session::open(ctx.cfg, ctx.identity, ctx.warm, &req.to, counter.clone()).await?;
-    let connections = conns.len();
-    let migration: MigrationId = session::rand_bytes();
-    let spec_json = Bytes::from(serde_json::to_vec(&spec)?);
     for c in conns.iter_mut() {
         c.send(Message::MigrateOpen { migration, vm: req.vm.clone(), spec: spec_json.clone() }).await?;
     }
@@ -261,7 +255,34 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
             }
         }
     }
-    let _ = events.send(Event::Started { size: spec.memory_mib as u64 * (1 << 20), connections: conns.len(), rtt_ms: rtt.as_secs_f64() * 1e3, attempt: 1 });
+    Ok((conns, rtt, held))
+}
+
+pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
+    let started = Instant::now();
+    let spec = ctx.vms.spec(&req.vm)?;
+    if !spec.disks.is_empty() {
+        bail!("VM {} has local disks; moving disks live is not implemented yet — nothing was changed", req.vm);
+    }
+    let counter = Arc::new(WireCounter::default());
+    let spec_json = Bytes::from(serde_json::to_vec(&spec)?);
+    // Nothing has happened to the VM before the destination is ready, so setting up may be
+    // tried again (connections kept warm across a link flap can turn out dead).
+    let mut attempt = 0;
+    let (migration, conns, rtt, held) = loop {
+        attempt += 1;
+        let migration: MigrationId = session::rand_bytes();
+        match prepare(ctx, &req, migration, &spec_json, &counter).await {
+            Ok((conns, rtt, held)) => break (migration, conns, rtt, held),
+            Err(e) if attempt < SETUP_ATTEMPTS && !e.to_string().contains("refused the VM") => {
+                tracing::warn!(to = %req.to, "setting up the migration failed, trying again: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm))),
+        }
+    };
+    let connections = conns.len();
+    let _ = events.send(Event::Started { size: spec.memory_mib as u64 * (1 << 20), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
 
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
