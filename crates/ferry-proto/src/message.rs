@@ -156,6 +156,10 @@ pub enum Message {
     },
     /// Bytes of the destination QEMU's return path, for the source QEMU.
     StreamBack { migration: MigrationId, data: Bytes },
+    /// The destination has written the first `written` bytes of the stream into its QEMU. The
+    /// source keeps what is in flight beyond that small, so QEMU's own bandwidth estimate (and
+    /// with it the moment it stops the VM) reflects what really reaches the destination.
+    StreamAck { migration: MigrationId, written: u64 },
     /// The source QEMU closed its stream after `batches` batches.
     StreamEnd { migration: MigrationId, batches: u64 },
     /// How the migration ended at the destination: `running` once the destination VM runs.
@@ -194,6 +198,7 @@ pub(crate) enum MessageType {
     StreamBack = 0x23,
     StreamEnd = 0x24,
     MigrateOutcome = 0x25,
+    StreamAck = 0x26,
 }
 
 impl MessageType {
@@ -218,6 +223,7 @@ impl MessageType {
             0x23 => Self::StreamBack,
             0x24 => Self::StreamEnd,
             0x25 => Self::MigrateOutcome,
+            0x26 => Self::StreamAck,
             _ => return None,
         })
     }
@@ -247,6 +253,7 @@ impl MessageType {
             Self::StreamBack => "StreamBack",
             Self::StreamEnd => "StreamEnd",
             Self::MigrateOutcome => "MigrateOutcome",
+            Self::StreamAck => "StreamAck",
         }
     }
 }
@@ -270,6 +277,7 @@ impl Message {
             Self::StreamBack { .. } => MessageType::StreamBack,
             Self::StreamEnd { .. } => MessageType::StreamEnd,
             Self::MigrateOutcome { .. } => MessageType::MigrateOutcome,
+            Self::StreamAck { .. } => MessageType::StreamAck,
             Self::Error { .. } => MessageType::Error,
             Self::Ping { .. } => MessageType::Ping,
             Self::Pong { .. } => MessageType::Pong,

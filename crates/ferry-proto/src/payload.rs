@@ -72,7 +72,7 @@ pub(crate) fn validate(msg: &Message) -> Result<(), ProtoError> {
             ..
         } => check_chunk(*encoding, *raw_len, data.len()),
         Message::StreamBack { data, .. } => check_blob(data.len()),
-        Message::StreamEnd { .. } => Ok(()),
+        Message::StreamEnd { .. } | Message::StreamAck { .. } => Ok(()),
         Message::Ack { .. }
         | Message::Done { .. }
         | Message::Ping { .. }
@@ -190,7 +190,7 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::MigrateReady { reason, held, .. } => 16 + 1 + string_len(reason) + 4 + held.len(),
         Message::StreamData { data, .. } => 16 + 8 + 1 + 4 + 4 + data.len(),
         Message::StreamBack { data, .. } => 16 + 4 + data.len(),
-        Message::StreamEnd { .. } => 16 + 8,
+        Message::StreamEnd { .. } | Message::StreamAck { .. } => 16 + 8,
         Message::MigrateOutcome { message, .. } => 16 + 1 + string_len(message),
     }
 }
@@ -383,6 +383,10 @@ pub(crate) fn write_payload(msg: &Message, out: &mut BytesMut) {
             out.put_slice(migration);
             out.put_u64(*batches);
         }
+        Message::StreamAck { migration, written } => {
+            out.put_slice(migration);
+            out.put_u64(*written);
+        }
         Message::MigrateOutcome {
             migration,
             running,
@@ -504,6 +508,10 @@ pub(crate) fn read_payload(
         MessageType::StreamEnd => Message::StreamEnd {
             migration: r.array("migration")?,
             batches: r.u64("batches")?,
+        },
+        MessageType::StreamAck => Message::StreamAck {
+            migration: r.array("migration")?,
+            written: r.u64("written")?,
         },
         MessageType::MigrateOutcome => Message::MigrateOutcome {
             migration: r.array("migration")?,

@@ -266,7 +266,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     {
         let (sock, store, key, inc) = (sock.try_clone()?, shared.store.clone(), shared.tenant_key, inc.clone());
         std::thread::spawn(move || {
-            let r = write_stream(sock, from_session, &store, &key);
+            let r = write_stream(sock, from_session, &store, &key, &inc);
             match r {
                 Ok(stats) => tracing::info!(vm = %inc.vm, ?stats, "the whole stream is written to the destination QEMU"),
                 Err(e) => inc.finish(false, format!("{e:#}")),
@@ -302,13 +302,23 @@ impl Incoming {
     }
 }
 
-fn write_stream(mut sock: UnixStream, mut batches: mpsc::Receiver<Vec<u8>>, store: &Mutex<PageStore>, key: &[u8; 32]) -> Result<DecodeStats> {
+/// Stream bytes written between acknowledgements while batches are waiting (when none wait,
+/// every write is acknowledged: the source should know at once that it may send more).
+const ACK_EVERY: u64 = 1 << 20;
+
+fn write_stream(mut sock: UnixStream, mut batches: mpsc::Receiver<Vec<u8>>, store: &Mutex<PageStore>, key: &[u8; 32], inc: &Incoming) -> Result<DecodeStats> {
     let mut out = Vec::with_capacity(2 << 20);
     let mut stats = DecodeStats::default();
+    let (mut written, mut acked) = (0u64, 0u64);
     while let Some(b) = batches.blocking_recv() {
         out.clear();
         decode(&b, &mut store.lock().unwrap(), |p| page_id(key, p), &mut out, &mut stats)?;
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
+        written += out.len() as u64;
+        if written - acked >= ACK_EVERY || batches.is_empty() {
+            inc.tell_source(Message::StreamAck { migration: inc.id, written });
+            acked = written;
+        }
     }
     store.lock().unwrap().flush()?;
     Ok(stats)

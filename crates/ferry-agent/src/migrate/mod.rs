@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod incoming;
 pub mod source;
+pub mod window;
 
 use crate::pages::PageId;
 use serde::{Deserialize, Serialize};

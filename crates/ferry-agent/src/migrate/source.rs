@@ -7,6 +7,7 @@
 //! decides when to stop the VM from that figure, so nothing between QEMU and the WAN may soak
 //! up more than a few hundred KiB (see `session::NOTSENT_LOWAT` for the sockets' share).
 use super::batch::BatchEncoder;
+use super::window::StreamWindow;
 use super::{page_id, MigrateRequest, MigrateSummary};
 use crate::config::AgentConfig;
 use crate::control::Event;
@@ -87,7 +88,13 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 /// Reads QEMU's stream until QEMU closes it, handing batches on in stream order.
-fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, st: Arc<PumpState>) -> Result<()> {
+fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>) -> Result<()> {
+    let send = |b: Vec<u8>, stream_len: usize| -> Result<()> {
+        if !window.acquire(stream_len as u64) || out.blocking_send(b).is_err() {
+            bail!("the session ended");
+        }
+        Ok(())
+    };
     let mut buf = vec![0u8; 1 << 20];
     let mut splitter = Splitter::new();
     let mut enc = BatchEncoder::default();
@@ -122,9 +129,9 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
                 Piece::Event(_) => {}
             }
             if enc.stream_len >= BATCH {
-                let (b, _) = enc.take();
-                if out.blocking_send(b).is_err() {
-                    failed = Some(anyhow::anyhow!("the session ended"));
+                let (b, len) = enc.take();
+                if let Err(e) = send(b, len) {
+                    failed = Some(e);
                 }
             }
         };
@@ -140,8 +147,8 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
         // Whatever QEMU wrote goes out now: near the pause, every millisecond held back here
         // is downtime.
         if !enc.is_empty() {
-            let (b, _) = enc.take();
-            out.blocking_send(b).map_err(|_| anyhow::anyhow!("the session ended"))?;
+            let (b, len) = enc.take();
+            send(b, len)?;
         }
         if n == 0 {
             return Ok(());
@@ -209,9 +216,10 @@ enum FromDest {
     Outcome { running: bool, message: String },
 }
 
-async fn read_loop(mut stream: Source, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>) -> Result<()> {
+async fn read_loop(mut stream: Source, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>, window: Arc<StreamWindow>) -> Result<()> {
     loop {
         match wire::next(&mut stream).await? {
+            Message::StreamAck { written, .. } => window.acked(written),
             Message::Ping { .. } | Message::Pong { .. } => {}
             Message::StreamBack { data, .. } => {
                 let _ = back.send(data);
@@ -303,7 +311,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     drop(qmp);
     qemu.set_nonblocking(false)?;
     let st = Arc::new(PumpState::default());
-    let outcome = relay(ctx, &req, migration, conns, held, qemu.try_clone()?, &st, &events, &counter, started).await;
+    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started).await;
     match outcome {
         Ok(()) => {}
         Err(e) => {
@@ -357,6 +365,7 @@ async fn relay(
     req: &MigrateRequest,
     migration: MigrationId,
     conns: Vec<Conn<BoxStream>>,
+    rtt: Duration,
     held: HashSet<u64>,
     qemu: UnixStream,
     st: &Arc<PumpState>,
@@ -370,17 +379,19 @@ async fn relay(
     let (back_tx, back_rx) = std::sync::mpsc::channel::<Bytes>();
     let mut tasks = tokio::task::JoinSet::new();
     let queue = Arc::new(tokio::sync::Mutex::new(send_rx));
+    let window = Arc::new(StreamWindow::new(rtt));
     for c in conns {
         let (sink, stream) = c.split();
         tasks.spawn(write_loop(sink, queue.clone()));
-        tasks.spawn(read_loop(stream, back_tx.clone(), dest_tx.clone()));
+        tasks.spawn(read_loop(stream, back_tx.clone(), dest_tx.clone(), window.clone()));
     }
     drop(back_tx);
     tasks.spawn(compress_in_order(migration, raw_rx, send_tx));
     // Pump and return-path writer are plain threads: QEMU's socket is blocking.
     let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent: HashSet::new(), held };
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
-    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_st));
+    let pump_window = window.clone();
+    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st));
     let mut rp_sock = qemu;
     std::thread::spawn(move || {
         for data in back_rx {
@@ -429,6 +440,7 @@ async fn relay(
         }
     };
     tasks.abort_all();
+    window.close();
     result
 }
 

@@ -151,6 +151,10 @@ pub fn small_messages() -> Vec<Message> {
             migration: TRANSFER,
             batches: 9,
         },
+        Message::StreamAck {
+            migration: TRANSFER,
+            written: 1 << 20,
+        },
         Message::MigrateOutcome {
             migration: TRANSFER,
             running: true,

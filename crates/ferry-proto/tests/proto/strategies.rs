@@ -194,6 +194,8 @@ fn migration_message() -> impl Strategy<Value = Message> {
             .prop_map(|(migration, data)| Message::StreamBack { migration, data }),
         (migration(), any::<u64>())
             .prop_map(|(migration, batches)| Message::StreamEnd { migration, batches }),
+        (migration(), any::<u64>())
+            .prop_map(|(migration, written)| Message::StreamAck { migration, written }),
         (migration(), any::<bool>(), text()).prop_map(|(migration, running, message)| {
             Message::MigrateOutcome {
                 migration,
