@@ -3,8 +3,9 @@
 //! zstd|ssh, rsync and ferry, all in the same lab and the same run; every result is checked
 //! byte-equal at the destination, and bytes on the wire are counted by the lab's forwarder.
 use crate::plot::{self, Chart, Series};
-use crate::report::{self, median};
-use crate::sites::{AgentSpec, SiteProcesses, SshKeys};
+pub use crate::report::Target;
+use crate::report::{self, fmt_num, fmt_pct, median};
+use crate::sites::{delivered, AgentSpec, SiteProcesses, SshKeys};
 use anyhow::{bail, Context, Result};
 use ferry_lab::disk_image::{build_disk_images, DiskImageSpec, DiskImages};
 use ferry_lab::link::LinkParams;
@@ -99,14 +100,6 @@ pub struct ColdReport {
     pub changed_compressed_bytes: u64,
     pub rows: Vec<ColdRow>,
     pub targets: Vec<Target>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Target {
-    pub name: String,
-    pub value: f64,
-    pub goal: String,
-    pub met: bool,
 }
 
 const DEST_NAME: &str = "disk.raw";
@@ -278,11 +271,6 @@ fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
     Ok(Command::new("cmp").arg("-s").arg(a).arg(b).status()?.success())
 }
 
-fn delivered(before: &ferry_lab::control::LabStatus, after: &ferry_lab::control::LabStatus, from: &str, to: &str) -> u64 {
-    let get = |s: &ferry_lab::control::LabStatus| s.directions.iter().find(|d| d.from == from && d.to == to).map_or(0, |d| d.delivered_bytes);
-    get(after).saturating_sub(get(before))
-}
-
 /// Bytes of 64 KiB blocks that differ and are not zero in the newer image, raw and compressed
 /// with the level ferry uses by default.
 fn changed_after_compression(older: &Path, newer: &Path) -> Result<(u64, u64)> {
@@ -406,20 +394,4 @@ fn write_results(bench: &ColdBench, images: &DiskImages, changed: u64, changed_c
         &Chart { title: "ferry's time as a share of each tool's", x_label: "RTT (ms)", y_label: "ferry time / tool time (%)", series: &fractions, log_y: false },
     )?;
     Ok(report)
-}
-
-fn fmt_num(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.2}")
-    } else {
-        "-".into()
-    }
-}
-
-fn fmt_pct(v: f64) -> String {
-    if v.is_finite() {
-        format!("{:.1}%", v * 100.0)
-    } else {
-        "-".into()
-    }
 }

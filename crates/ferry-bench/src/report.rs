@@ -59,3 +59,28 @@ pub fn median(values: &mut [f64]) -> f64 {
         n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
+
+/// One of an issue's targets, computed from a run's own figures.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub value: f64,
+    pub goal: String,
+    pub met: bool,
+}
+
+pub fn fmt_num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "-".into()
+    }
+}
+
+pub fn fmt_pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.1}%", v * 100.0)
+    } else {
+        "-".into()
+    }
+}

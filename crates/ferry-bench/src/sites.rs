@@ -97,6 +97,12 @@ impl SshKeys {
     }
 }
 
+/// IP bytes the lab's forwarder delivered from site `from` to `to` between two status reads.
+pub fn delivered(before: &ferry_lab::control::LabStatus, after: &ferry_lab::control::LabStatus, from: &str, to: &str) -> u64 {
+    let get = |s: &ferry_lab::control::LabStatus| s.directions.iter().find(|d| d.from == from && d.to == to).map_or(0, |d| d.delivered_bytes);
+    get(after).saturating_sub(get(before))
+}
+
 /// A ferry agent to run in a lab site.
 #[derive(Clone, Copy)]
 pub struct AgentSpec<'a> {
@@ -196,6 +202,11 @@ impl SiteProcesses {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agents' process IDs (`ip netns exec` execs the agent in place).
+    pub fn agent_pids(&self) -> Vec<u32> {
+        self.agents.iter().map(|c| c.id()).collect()
     }
 
     pub fn stop_agents(&mut self) {

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use ferry_bench::cold::{ColdBench, Method};
+use ferry_bench::live::{self, LiveBench};
 use ferry_lab::units::{parse_duration, parse_rate_bps};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +12,50 @@ pub enum BenchCommand {
     /// Move the 4 GiB disk image to a site holding its older version with scp, zstd|ssh, rsync
     /// and ferry at each RTT; table, CSV, JSON and plots under --out.
     Cold(ColdArgs),
+    /// Move a running guest from site a to b at each RTT with QEMU's own migration (TLS; and
+    /// multifd+zstd+TLS) and with ferry (and back), probed every 10 ms from site client; table,
+    /// CSV, JSON and plots under --out.
+    Live(LiveArgs),
+}
+
+#[derive(Args)]
+pub struct LiveArgs {
+    /// Round-trip times between a and b, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0ms,50ms,100ms,150ms,200ms", value_parser = parse_duration)]
+    rtts: Vec<Duration>,
+    #[arg(long, default_value = "1gbit", value_parser = parse_rate_bps)]
+    rate: u64,
+    /// Methods, comma-separated: qemu-tls, qemu-multifd, ferry (ferry includes its return trip).
+    #[arg(long, value_delimiter = ',', default_value = "qemu-tls,qemu-multifd,ferry", value_parser = live::Method::parse)]
+    methods: Vec<live::Method>,
+    /// Runs of every method at each RTT (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// The guest's memory, MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// The guest workload (kernel command-line words): working set, dirty rate, page mix.
+    #[arg(long, default_value = "ferry.mem=512M ferry.dirty=8M")]
+    workload: String,
+    /// How long a booted guest runs before it moves.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    settle: Duration,
+    /// How long the guest must beat on at the destination.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    hold: Duration,
+    /// A migration that takes longer fails (and is recorded as failed).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    method_timeout: Duration,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Scratch space: agents' data, certificates, logs.
+    #[arg(long, default_value = "/var/tmp/ferry-bench/live")]
+    work: PathBuf,
+    #[arg(long, default_value = "blive")]
+    lab: String,
+    /// Run nothing: make the table, targets and plots again from the live.json under --out.
+    #[arg(long)]
+    replot: bool,
 }
 
 #[derive(Args)]
@@ -42,7 +87,7 @@ pub struct ColdArgs {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
+    let out = match cmd {
         BenchCommand::Cold(a) => {
             let bench = ColdBench {
                 rtts: a.rtts,
@@ -57,8 +102,32 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 initcwnd: a.initcwnd,
             };
             ferry_bench::cold::run(&bench)?;
-            println!("results in {}", bench.out_dir.display());
-            Ok(())
+            bench.out_dir
         }
-    }
+        BenchCommand::Live(a) if a.replot => {
+            live::replot(&a.out)?;
+            a.out
+        }
+        BenchCommand::Live(a) => {
+            let bench = LiveBench {
+                rtts: a.rtts,
+                rate_bps: a.rate,
+                methods: a.methods,
+                runs: a.runs.max(1),
+                memory_mib: a.memory,
+                workload: a.workload,
+                settle: a.settle,
+                hold: a.hold,
+                method_timeout: a.method_timeout,
+                out_dir: a.out,
+                work_dir: a.work,
+                ferry_exe: std::env::current_exe()?,
+                lab: a.lab,
+            };
+            live::run(&bench)?;
+            bench.out_dir
+        }
+    };
+    println!("results in {}", out.display());
+    Ok(())
 }

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,17 +26,24 @@ pub struct ProbeReport {
 }
 
 pub fn run_probe(target: SocketAddr, interval: Duration, duration: Duration) -> Result<ProbeReport> {
+    run_probe_until(target, interval, duration, Arc::new(AtomicBool::new(false)))
+}
+
+/// Like `run_probe`, but stops sending once `stop` is set (or `duration` is up), waits a second
+/// for replies still in flight, and reports what it saw: for probing something whose end is not
+/// known in advance, such as a migration.
+pub fn run_probe_until(target: SocketAddr, interval: Duration, duration: Duration, stop: Arc<AtomicBool>) -> Result<ProbeReport> {
     let sock = Arc::new(UdpSocket::bind("0.0.0.0:0").context("binding the probe socket")?);
     sock.connect(target)?;
     let start = Instant::now();
     let sender = {
-        let sock = sock.clone();
+        let (sock, stop) = (sock.clone(), stop.clone());
         std::thread::spawn(move || -> u64 {
             crate::sys::tighten_timer_slack();
             let mut seq = 0u64;
             let mut pkt = [0u8; 20];
             pkt[..4].copy_from_slice(MAGIC);
-            while start.elapsed() < duration {
+            while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
                 let due = start + interval * seq as u32;
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
@@ -52,9 +60,12 @@ pub fn run_probe(target: SocketAddr, interval: Duration, duration: Duration) -> 
     let mut rtts = Vec::new();
     let mut replies: Vec<f64> = Vec::new();
     let mut buf = [0u8; 64];
-    let stop_at = start + duration + Duration::from_secs(1);
+    let mut stop_at = start + duration + Duration::from_secs(1);
     sock.set_read_timeout(Some(Duration::from_millis(50)))?;
     while Instant::now() < stop_at {
+        if stop.load(Ordering::Relaxed) {
+            stop_at = stop_at.min(Instant::now() + Duration::from_secs(1));
+        }
         let Ok(n) = sock.recv(&mut buf) else { continue };
         if n < 20 || &buf[..4] != MAGIC {
             continue;
@@ -65,7 +76,8 @@ pub fn run_probe(target: SocketAddr, interval: Duration, duration: Duration) -> 
         replies.push(now.as_secs_f64());
     }
     let sent = sender.join().expect("probe sender");
-    Ok(summarise(target, interval, duration, sent, &rtts, &replies))
+    let probed = (interval * sent as u32).min(duration);
+    Ok(summarise(target, interval, probed, sent, &rtts, &replies))
 }
 
 fn summarise(target: SocketAddr, interval: Duration, duration: Duration, sent: u64, rtts: &[f64], replies: &[f64]) -> ProbeReport {
@@ -112,5 +124,29 @@ mod tests {
         let gap = r.longest_gap_ms.unwrap();
         assert!((190.0..260.0).contains(&gap), "gap {gap} ms");
         assert!(r.rtt_median_ms.unwrap() < 5.0);
+    }
+
+    #[test]
+    fn stops_early_when_told_and_reports_what_it_saw() {
+        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, Ordering::Relaxed);
+        });
+        let started = Instant::now();
+        let r = run_probe_until(addr, Duration::from_millis(10), Duration::from_secs(30), stop).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!((25..=40).contains(&r.sent), "sent {}", r.sent);
+        assert_eq!(r.lost, 0);
+        assert!(r.duration_s < 1.0, "{}", r.duration_s);
     }
 }
