@@ -99,6 +99,13 @@ pub struct Agent {
 
 pub async fn serve(agent: Arc<Agent>) -> Result<()> {
     let cfg = agent.cfg.clone();
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let ctx = crate::migrate::source::SourceContext { cfg: &agent.cfg, identity: &agent.identity, warm: &agent.warm, vms: &agent.vms, store: agent.store.clone() };
+            crate::migrate::doubt::settle_all(&ctx).await;
+        });
+    }
     let path = cfg.control_socket();
     std::fs::create_dir_all(path.parent().unwrap())?;
     let _ = std::fs::remove_file(&path);

@@ -8,6 +8,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
+const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+
 pub struct Qmp {
     lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
     write: OwnedWriteHalf,
@@ -56,16 +58,57 @@ impl Qmp {
     /// Runs a command and returns its `return` value; a QMP error becomes an error naming the
     /// command.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let mut req = json!({ "execute": command });
-        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
-            req["arguments"] = arguments;
-        }
-        let mut line = serde_json::to_string(&req)?;
-        line.push('\n');
+        let line = request_line(command, arguments)?;
         if let Err(e) = self.write.write_all(line.as_bytes()).await {
             self.broken = true;
             return Err(e).with_context(|| format!("sending {command} to QMP"));
         }
+        self.answer(command).await
+    }
+
+    /// Hands QEMU a file descriptor under `name` (QMP `getfd`, the descriptor travelling as
+    /// SCM_RIGHTS with the command).
+    pub async fn give_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let line = request_line("getfd", json!({ "fdname": name }))?;
+        let sock = self.write.as_ref().as_raw_fd();
+        let sent = unsafe {
+            let mut iov = libc::iovec { iov_base: line.as_ptr() as *mut libc::c_void, iov_len: line.len() };
+            let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+            let mut control = vec![0u8; space];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd.as_raw_fd());
+            libc::sendmsg(sock, &msg, 0)
+        };
+        if sent != line.len() as isize {
+            self.broken = true;
+            bail!("handing QEMU a descriptor failed: {}", std::io::Error::last_os_error());
+        }
+        self.answer("getfd").await?;
+        Ok(())
+    }
+
+    /// QEMU's answer to `command`; a QEMU that does not answer in time is treated as gone (the
+    /// connection is dropped), so nothing waits on a hung monitor forever.
+    async fn answer(&mut self, command: &str) -> Result<Value> {
+        match tokio::time::timeout(ANSWER_WITHIN, self.answer_untimed(command)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                bail!("QEMU did not answer {command} within {} s", ANSWER_WITHIN.as_secs())
+            }
+        }
+    }
+
+    async fn answer_untimed(&mut self, command: &str) -> Result<Value> {
         loop {
             let msg = self.read().await.with_context(|| format!("waiting for QEMU's answer to {command}"))?;
             if let Some(r) = msg.get("return") {
@@ -80,6 +123,19 @@ impl Qmp {
         }
     }
 
+}
+
+fn request_line(command: &str, arguments: Value) -> Result<String> {
+    let mut req = json!({ "execute": command });
+    if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+        req["arguments"] = arguments;
+    }
+    let mut line = serde_json::to_string(&req)?;
+    line.push('\n');
+    Ok(line)
+}
+
+impl Qmp {
     /// `query-status`'s `status` (`running`, `paused`, `inmigrate`, `postmigrate`, …).
     pub async fn status(&mut self) -> Result<String> {
         let r = self.execute("query-status", json!({})).await?;

@@ -139,7 +139,10 @@ async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: Arc
     match &identity.client {
         None => Ok(Box::new(counted)),
         Some(cfg) => {
-            let (tls, _peer) = ferry_pki::connect(cfg.clone(), to_site, counted).await?;
+            // A handshake across a link that just came back can hang in retransmissions.
+            let (tls, _peer) = tokio::time::timeout(Duration::from_secs(10), ferry_pki::connect(cfg.clone(), to_site, counted))
+                .await
+                .with_context(|| format!("TLS handshake with {to_site} timed out"))??;
             Ok(Box::new(tls))
         }
     }
@@ -238,7 +241,7 @@ async fn accept_one(
             (Box::new(tls), peer)
         }
     };
-    let mut conn = Framed::new(stream, FrameCodec::default());
+    let mut conn = Framed::new(stream, FrameCodec);
     // A warm connection waits, pinged, until a transfer takes it and says HELLO.
     let (version, min_version, session, connection_index) = loop {
         match wire::next(&mut conn).await? {

@@ -275,14 +275,17 @@ impl Vms {
         });
         std::fs::write(dir.join("pid"), pid.to_string())?;
         let qmp: Arc<tokio::sync::Mutex<Option<Qmp>>> = Arc::default();
-        self.vms.lock().unwrap().insert(spec.name.clone(), Vm { spec: spec.clone(), pid, qmp: qmp.clone() });
+        // Held until connected: QEMU serves one QMP client, and it must be this one.
+        let mut slot = qmp.clone().lock_owned().await;
+        self.vms.lock().unwrap().insert(spec.name.clone(), Vm { spec: spec.clone(), pid, qmp });
         match Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(20)).await {
             Ok(q) => {
-                *qmp.lock().await = Some(q);
+                *slot = Some(q);
                 Ok(())
             }
             Err(e) => {
                 let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 self.forget(&spec.name);
                 Err(e.context(format!("QEMU for VM {} did not come up: {}", spec.name, log.trim())))
             }
@@ -364,6 +367,10 @@ impl Vms {
             }
         }
         let _ = std::fs::remove_file(self.dir(name).join("pid"));
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.vms.lock().unwrap().keys().cloned().collect()
     }
 
     pub fn pid(&self, name: &str) -> Option<u32> {

@@ -96,7 +96,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
                     }
                     Err(e) => {
                         failures += 1;
-                        if failures == 1 || failures % 60 == 0 {
+                        if failures == 1 || failures.is_multiple_of(60) {
                             tracing::warn!(to = %site, "cannot keep a connection ready: {e:#}");
                         }
                     }

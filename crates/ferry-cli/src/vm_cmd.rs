@@ -49,8 +49,10 @@ enum VmCommand {
         name: String,
         #[arg(long)]
         to: String,
-        /// The longest pause to aim for (QEMU's downtime-limit follows from it and the RTT).
-        #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+        /// The pause a client should see at most: QEMU's downtime-limit is this less the
+        /// one-way delay (at least 20 ms); raised step by step if the guest dirties memory
+        /// faster than it moves.
+        #[arg(long, default_value = "60ms", value_parser = parse_duration)]
         downtime: Duration,
         /// One machine-readable summary instead of progress lines.
         #[arg(long)]

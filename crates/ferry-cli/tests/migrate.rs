@@ -49,7 +49,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 
 /// The guest's latest heartbeat at `site` (its serial console there).
 fn last_heartbeat(sites: &Sites, site: &str) -> Option<String> {
-    String::from_utf8_lossy(&vm(sites, site, &["console", "g1", "--lines", "200"]).stdout).lines().filter(|l| l.starts_with("ferry-hb")).last().map(String::from)
+    String::from_utf8_lossy(&vm(sites, site, &["console", "g1", "--lines", "200"]).stdout).lines().rfind(|l| l.starts_with("ferry-hb")).map(String::from)
 }
 
 /// Waits until the guest at `site` has beaten past `seq`; returns the heartbeat line.
@@ -192,13 +192,62 @@ fn a_cut_link_a_dying_destination_qemu_or_a_killed_agent_leave_the_source_runnin
     let mut child = start_migrate(&sites);
     let pid = wait_incoming(&sites, &mut child);
     unsafe { libc_kill(pid as i32, 9) };
-    assert_source_survived(&sites, child, "destination QEMU killed", "destination");
+    assert_source_survived(&sites, child, "destination QEMU killed", "");
 
     let mut child = start_migrate(&sites);
     wait_incoming(&sites, &mut child);
     sites.kill_agent("b");
     assert_source_survived(&sites, child, "destination agent killed", "");
     vm_ok(&sites, "a", &["stop", "g1", "--force"]);
+}
+
+/// Heartbeat lines in the serial log a site's VM directory holds (readable with its agent dead).
+fn serial_seq(sites: &Sites, site: &str) -> u64 {
+    let log = std::fs::read_to_string(sites.data(site).join(".ferry/vms/g1/serial.log")).unwrap_or_default();
+    log.lines().rfind(|l| l.starts_with("ferry-hb")).and_then(|l| field(l, "seq")).unwrap_or(0)
+}
+
+#[test]
+fn a_source_agent_that_dies_as_the_destination_takes_over_leaves_exactly_one_copy() {
+    let _serial = serial();
+    let mut sites = Sites::on(Lab::up("tmigd", &["--no-client", "--rtt", "20ms"]));
+    let pki = sites.root.join("pki");
+    let spec = write_spec(&sites.root, "g1", "ferry.mem=48M ferry.dirty=1M");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(60));
+    // The VM outlives its agent.
+    sites.kill_agent("a");
+    let seq = serial_seq(&sites, "a");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(serial_seq(&sites, "a") > seq, "the VM kept running without its agent");
+    sites.start_agent_with("a", &pki, &[("FERRY_FAULT", "source-dies-at-shut")]);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The agent dies as the destination reports it has loaded the VM and runs it.
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--json"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(sites.agent_log("a").contains("source-dies-at-shut: the agent dies now"), "{}", tail(&sites.agent_log("a")));
+    let at_b = vms(&sites, "b");
+    assert_eq!(at_b[0].2, "running", "{at_b:?}");
+    // The source QEMU neither gave up nor resumed: it still holds the stopped VM.
+    assert_eq!(qemu_copies(&sites), 2);
+    let stopped_at = serial_seq(&sites, "a");
+    let b_seq = last_heartbeat(&sites, "b").and_then(|l| field(&l, "seq")).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(serial_seq(&sites, "a"), stopped_at, "the source copy must not run while in doubt");
+    wait_heartbeat_after(&sites, "b", b_seq, Duration::from_secs(10));
+
+    // Restarted, the agent asks b, which runs the VM: the source copy goes.
+    sites.start_agent("a", &pki);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while qemu_copies(&sites) != 1 || !vms(&sites, "a").is_empty() {
+        assert!(Instant::now() < deadline, "the source copy was not settled: a {:?}\n{}", vms(&sites, "a"), tail(&sites.agent_log("a")));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(sites.agent_log("a").contains("runs the VM: the source copy is removed"), "{}", tail(&sites.agent_log("a")));
+    let hb = wait_heartbeat_after(&sites, "b", b_seq + 2, Duration::from_secs(10));
+    assert_eq!(field(&hb, "corrupt"), Some(0), "{hb}");
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
 }
 
 extern "C" {

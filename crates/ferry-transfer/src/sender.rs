@@ -173,10 +173,13 @@ struct WantJob {
     wanted: Vec<u32>,
 }
 
+/// A round's blocks, its bytes still owed, and its place in the window.
+type RoundInFlight = (Arc<Vec<Block>>, u64, Option<tokio::sync::OwnedSemaphorePermit>);
+
 #[derive(Default)]
 struct InFlight {
     /// Announced, not yet acknowledged: the blocks, the bytes wanted, the window permit.
-    rounds: HashMap<u64, (Arc<Vec<Block>>, u64, Option<tokio::sync::OwnedSemaphorePermit>)>,
+    rounds: HashMap<u64, RoundInFlight>,
     scan_done: bool,
 }
 

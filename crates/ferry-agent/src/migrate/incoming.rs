@@ -142,6 +142,10 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
     };
     let (sink, mut stream) = conn.split();
     let (out, _writer) = wire::spawn_writer(sink);
+    if spec.is_empty() {
+        wire::queue(&out, answer_query(&shared, migration, &vm).await).await?;
+        return drain(stream).await;
+    }
     // A source that lost its session asks how the migration ended by opening it again.
     if let Some(o) = inc.outcome_now() {
         wire::queue(&out, Message::MigrateOutcome { migration, running: o.running, message: o.message }).await?;
@@ -186,6 +190,24 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
     result
 }
 
+/// A source asks how a migration ended (see doubt.rs): what this site knows of it, or, if it
+/// does not know it (its agent restarted), whether it runs a VM of that name.
+async fn answer_query(shared: &Arc<Shared>, migration: MigrationId, vm: &str) -> Message {
+    let known = shared.migrations.lock().unwrap().get(&migration).cloned();
+    if let Some(inc) = known {
+        return match inc.outcome_now() {
+            Some(o) => Message::MigrateOutcome { migration, running: o.running, message: o.message },
+            None => Message::Error { code: super::doubt::UNDECIDED, message: "the migration is still under way here".into() },
+        };
+    }
+    let running = match shared.vms.qmp(vm).await {
+        Ok(mut q) => q.status().await.is_ok_and(|s| s == "running"),
+        Err(_) => false,
+    };
+    let message = if running { String::new() } else { format!("this site does not run {vm}") };
+    Message::MigrateOutcome { migration, running, message }
+}
+
 async fn drain<S: futures::Stream + Unpin>(mut stream: S) -> Result<()> {
     // Keep the connection until the source closes it, so what was queued reaches it.
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while stream.next().await.is_some() {} }).await;
@@ -202,7 +224,7 @@ where
             Message::StreamData { seq, encoding, raw_len, data, .. } => {
                 let raw = match encoding {
                     Encoding::Raw => data.to_vec(),
-                    Encoding::Zstd => tokio::task::spawn_blocking(move || zstd::bulk::decompress(&data, raw_len as usize)).await?.context("a batch does not decompress")?,
+                    Encoding::Zstd => tokio::task::spawn_blocking(move || decompress(&data, raw_len as usize)).await?.context("a batch does not decompress")?,
                 };
                 if raw.len() != raw_len as usize {
                     bail!("batch {seq} is {} bytes, announced {raw_len}", raw.len());
@@ -221,6 +243,19 @@ where
             bail!("the migration failed here");
         }
     }
+}
+
+fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().unwrap().decompress(data, raw_len)
+    })
 }
 
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the

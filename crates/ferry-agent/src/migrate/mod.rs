@@ -4,6 +4,7 @@
 //! waits with `-incoming`. QEMU's return path is relayed back, so the source QEMU completes only
 //! once the destination has loaded everything and runs.
 pub mod batch;
+pub mod doubt;
 pub mod incoming;
 pub mod source;
 pub mod window;

@@ -7,6 +7,7 @@
 //! decides when to stop the VM from that figure, so nothing between QEMU and the WAN may soak
 //! up more than a few hundred KiB (see `session::NOTSENT_LOWAT` for the sockets' share).
 use super::batch::BatchEncoder;
+use super::doubt;
 use super::window::StreamWindow;
 use super::{page_id, MigrateRequest, MigrateSummary};
 use crate::config::AgentConfig;
@@ -46,6 +47,8 @@ struct PumpState {
     pages_sent: AtomicU64,
     pages_referenced: AtomicU64,
     pages_zero: AtomicU64,
+    /// Zero pages QEMU itself sent as one-byte records.
+    qemu_zero_pages: AtomicU64,
     literal_bytes: AtomicU64,
     /// The RAM section's END went by: the source VM has stopped.
     ram_end: AtomicBool,
@@ -144,8 +147,14 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
         if let Some(e) = failed.take() {
             return Err(e);
         }
-        // Whatever QEMU wrote goes out now: near the pause, every millisecond held back here
-        // is downtime.
+        st.qemu_zero_pages.store(splitter.stats().zero_pages, Relaxed);
+        // QEMU writes in pieces of a few tens of KiB: while more follows at once, keep filling
+        // the batch (a batch per piece would cost a message, a compression and an ack each).
+        // Once QEMU pauses, whatever it wrote goes out: near the stop, every millisecond held
+        // back here is downtime.
+        if n > 0 && enc.stream_len < BATCH && more_within(&qemu, 1) {
+            continue;
+        }
         if !enc.is_empty() {
             let (b, len) = enc.take();
             send(b, len)?;
@@ -156,10 +165,27 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
     }
 }
 
+/// Whether the socket has data to read within `ms` milliseconds.
+fn more_within(sock: &UnixStream, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fds = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    unsafe { libc::poll(&mut fds, 1, ms) > 0 }
+}
+
 fn encode_batch(migration: MigrationId, seq: u64, raw: Vec<u8>) -> Message {
     let raw_len = raw.len() as u32;
     if raw.len() >= 512 {
-        if let Ok(z) = zstd::bulk::compress(&raw, 1) {
+        thread_local! {
+            static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+        }
+        let compressed = COMPRESSOR.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = zstd::bulk::Compressor::new(1).ok();
+            }
+            c.as_mut().map(|c| c.compress(&raw))
+        });
+        if let Some(Ok(z)) = compressed {
             if z.len() * 100 <= raw.len() * 97 {
                 return Message::StreamData { migration, seq, encoding: Encoding::Zstd, raw_len, data: Bytes::from(z) };
             }
@@ -243,6 +269,19 @@ pub struct SourceContext<'a> {
 
 const SETUP_ATTEMPTS: u32 = 3;
 
+/// QEMU's `downtime-limit` budgets only the copy of what is left; the client also waits the
+/// one-way delay for the last bytes to arrive. So QEMU gets the operator's target less that,
+/// but never less than QEMU can plan with.
+fn downtime_limit_ms(target_ms: u32, rtt: Duration) -> u64 {
+    (target_ms as f64 - rtt.as_secs_f64() * 1e3 / 2.0).max(MIN_DOWNTIME_LIMIT_MS as f64) as u64
+}
+
+const MIN_DOWNTIME_LIMIT_MS: u64 = 20;
+/// A migration that has not stopped the VM by then is not converging (the guest dirties memory
+/// faster than it moves): the limit doubles every so often, as libvirt's `--timeout` would act.
+const CONVERGE_AFTER: Duration = Duration::from_secs(20);
+const MAX_DOWNTIME_LIMIT_MS: u64 = 2000;
+
 /// Opens the session and has the destination start the VM's QEMU waiting for the stream.
 async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, spec_json: &Bytes, counter: &Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, HashSet<u64>)> {
     let (mut conns, rtt) = session::open(ctx.cfg, ctx.identity, ctx.warm, &req.to, counter.clone()).await?;
@@ -295,28 +334,30 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
     qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}]})).await?;
-    let downtime_limit = (req.downtime_ms as f64 - rtt.as_secs_f64() * 1e3 / 2.0).max(20.0) as u64;
+    let downtime_limit = downtime_limit_ms(req.downtime_ms, rtt);
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
-    let sock_path = ctx.vms.dir(&req.vm).join("migrate-out.sock");
-    let _ = std::fs::remove_file(&sock_path);
-    let listener = tokio::net::UnixListener::bind(&sock_path)?;
-    qmp.execute("migrate", json!({"uri": format!("unix:{}", sock_path.display())})).await?;
-    let qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
-        Ok(Ok((s, _))) => s.into_std()?,
-        _ => {
-            let _ = qmp.execute("migrate_cancel", json!({})).await;
-            bail!("the source QEMU did not connect to the migration socket");
-        }
-    };
+    // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
+    // that the agent's death alone never makes QEMU give up and restart the VM (see doubt.rs).
+    let (qemu, for_qemu) = UnixStream::pair()?;
+    qmp.give_fd("ferry-mig", std::os::fd::AsFd::as_fd(&for_qemu)).await?;
+    qmp.give_fd(doubt::HOLD_FD, std::os::fd::AsFd::as_fd(&qemu)).await?;
+    drop(for_qemu);
+    let dir = ctx.vms.dir(&req.vm);
+    doubt::record(&dir, &migration, &req.to)?;
+    if let Err(e) = qmp.execute("migrate", json!({"uri": "fd:ferry-mig"})).await {
+        let _ = qmp.execute("closefd", json!({ "fdname": doubt::HOLD_FD })).await;
+        doubt::clear(&dir);
+        return Err(e);
+    }
     drop(qmp);
-    qemu.set_nonblocking(false)?;
     let st = Arc::new(PumpState::default());
     let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started).await;
     match outcome {
         Ok(()) => {}
         Err(e) => {
             let _ = qemu.shutdown(std::net::Shutdown::Both);
-            let state = recover_source(ctx.vms, &req.vm).await;
+            let state = recover_source(ctx, &req, migration).await;
+            doubt::clear(&dir);
             return Err(e.context(format!("migration of {} to {} failed; {state}", req.vm, req.to)));
         }
     }
@@ -336,6 +377,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     ctx.vms.kill(&req.vm).await;
+    doubt::clear(&dir);
     let opaque = st.opaque.lock().unwrap().clone();
     Ok(MigrateSummary {
         vm: req.vm.clone(),
@@ -350,7 +392,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         stream_bytes: st.stream_bytes.load(Relaxed),
         pages_sent: st.pages_sent.load(Relaxed),
         pages_referenced: st.pages_referenced.load(Relaxed),
-        pages_zero: st.pages_zero.load(Relaxed),
+        pages_zero: st.pages_zero.load(Relaxed) + st.qemu_zero_pages.load(Relaxed),
         literal_bytes: st.literal_bytes.load(Relaxed),
         opaque,
         encrypted: !ctx.cfg.insecure_plaintext,
@@ -393,8 +435,15 @@ async fn relay(
     let pump_window = window.clone();
     let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st));
     let mut rp_sock = qemu;
+    let die_at_shut = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "source-dies-at-shut");
     std::thread::spawn(move || {
         for data in back_rx {
+            // Fault injection for the lab tests: the agent dies just as the destination says
+            // it has loaded (and runs) the VM, before the source QEMU hears of it.
+            if die_at_shut && data.windows(4).any(|w| w == [0, 1, 0, 4]) {
+                tracing::error!("FERRY_FAULT=source-dies-at-shut: the agent dies now");
+                std::process::abort();
+            }
             if rp_sock.write_all(&data).is_err() {
                 return;
             }
@@ -403,6 +452,8 @@ async fn relay(
     tokio::pin!(pump_thread);
     let mut pump_done = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut limit = downtime_limit_ms(req.downtime_ms, rtt);
+    let mut raised_at = Instant::now();
     let result = loop {
         tokio::select! {
             ev = dest_rx.recv() => match ev {
@@ -429,6 +480,12 @@ async fn relay(
                 if matches!(status.as_str(), "failed" | "cancelled") {
                     break Err(anyhow::anyhow!("the source QEMU's migration {status}: {}", m["error-desc"].as_str().unwrap_or("no reason given")));
                 }
+                if status == "active" && started.elapsed() > CONVERGE_AFTER && raised_at.elapsed() > CONVERGE_AFTER / 4 && limit < MAX_DOWNTIME_LIMIT_MS {
+                    limit = (limit * 2).min(MAX_DOWNTIME_LIMIT_MS);
+                    raised_at = Instant::now();
+                    tracing::warn!(vm = %req.vm, limit_ms = limit, "the migration is not converging: allowing a longer pause");
+                    ctx.vms.qmp(&req.vm).await?.execute("migrate-set-parameters", json!({"downtime-limit": limit})).await?;
+                }
                 let _ = events.send(Event::MigrateProgress {
                     status,
                     stream_bytes: st.stream_bytes.load(Relaxed),
@@ -446,21 +503,27 @@ async fn relay(
 
 /// After a failure: QEMU abandons the migration and, if it had stopped the VM, starts it again.
 /// Says what state the source VM is left in.
-async fn recover_source(vms: &Vms, vm: &str) -> String {
-    if let Ok(mut q) = vms.qmp(vm).await {
+async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId) -> String {
+    let vm = req.vm.as_str();
+    if let Ok(mut q) = ctx.vms.qmp(vm).await {
         let _ = q.execute("migrate_cancel", json!({})).await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = match vms.qmp(vm).await {
+        let status = match ctx.vms.qmp(vm).await {
             Ok(mut q) => q.status().await,
             Err(e) => Err(e),
         };
         match status {
-            Ok(s) if s == "running" => return "the VM keeps running here".into(),
-            Ok(s) if s == "postmigrate" => {
-                return "IN DOUBT: the source QEMU completed (the destination loaded the VM) but the destination never confirmed it runs; the source VM stays paused — check the destination".into()
+            Ok(s) if s == "running" => {
+                if let Ok(mut q) = ctx.vms.qmp(vm).await {
+                    let _ = q.execute("closefd", json!({ "fdname": doubt::HOLD_FD })).await;
+                }
+                return "the VM keeps running here".into();
             }
+            // QEMU completed: the destination loaded the VM and may run it. Only its word
+            // decides which copy runs.
+            Ok(s) if s == "postmigrate" => return doubt::settle(ctx, vm, &req.to, migration).await,
             Ok(s) if Instant::now() > deadline => return format!("the source VM is {s}"),
             Err(e) => return format!("the source QEMU does not answer: {e:#}"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -43,9 +43,15 @@ impl Sites {
     }
 
     pub fn start_agent(&mut self, site: &str, pki: &Path) {
+        self.start_agent_with(site, pki, &[]);
+    }
+
+    /// Starts a site's agent with extra environment (fault injection), appending to its log.
+    pub fn start_agent_with(&mut self, site: &str, pki: &Path, env: &[(&str, &str)]) {
         let (me, peer, peer_addr) = if site == "a" { ("198.18.0.1", "b", "198.18.0.2") } else { ("198.18.0.2", "a", "198.18.0.1") };
-        let log = std::fs::File::create(self.root.join(format!("agent-{site}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.join(format!("agent-{site}.log"))).unwrap();
         let child = ferry()
+            .envs(env.iter().copied())
             .args(["lab", "exec", "--lab", &self.lab.name, site, "--", env!("CARGO_BIN_EXE_ferry"), "agent", "--site", site])
             .args(["--listen", &format!("{me}:7400"), "--data", self.data(site).to_str().unwrap(), "--pki", pki.to_str().unwrap()])
             .args(["--peer", &format!("{peer}={peer_addr}:7400")])
@@ -54,6 +60,7 @@ impl Sites {
             .spawn()
             .unwrap();
         let sock = self.data(site).join(".ferry/agent.sock");
+        let _ = std::fs::remove_file(&sock);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
             assert!(Instant::now() < deadline, "agent {site} did not start:\n{}", self.agent_log(site));
