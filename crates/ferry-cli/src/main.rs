@@ -33,7 +33,8 @@ enum Command {
     /// Benchmarks against today's tools in the lab (long: run by hand, not in CI).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
-    /// Bring up two sites 100 ms apart, boot a guest in one, show it running, tear down.
+    /// Two sites 100 ms apart: a guest runs in one, an image and its newer version move, then the
+    /// running guest moves live there and back while a client probes it; all torn down after.
     Demo(demo::DemoArgs),
 }
 
