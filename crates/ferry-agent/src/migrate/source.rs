@@ -39,6 +39,9 @@ const BATCH: usize = 256 << 10;
 const RAW_QUEUE: usize = 4;
 const SEND_QUEUE: usize = 8;
 const COMPRESSORS: usize = 2;
+/// Measured on the bench guest: level 2 sends 3 % fewer bytes than 1 at no measurable cost in
+/// time; 3 saves 2 % more but costs about 10 % more time. 1 MiB batches compress no better.
+const ZSTD_LEVEL: i32 = 2;
 
 /// What the pump has seen, shared with the task that reports progress.
 #[derive(Default)]
@@ -181,7 +184,7 @@ fn encode_batch(migration: MigrationId, seq: u64, raw: Vec<u8>) -> Message {
         let compressed = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
             if c.is_none() {
-                *c = zstd::bulk::Compressor::new(1).ok();
+                *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
             }
             c.as_mut().map(|c| c.compress(&raw))
         });
