@@ -21,6 +21,10 @@ pub struct PageStore {
     index: BufWriter<File>,
     offsets: HashMap<PageId, u64>,
     end: u64,
+    /// Fault injection for the lab tests (`FERRY_FAULT=store-forgets-pages`): every so many
+    /// reads miss, as a store that lost pages would.
+    forget_every: Option<u64>,
+    reads: u64,
 }
 
 impl PageStore {
@@ -43,7 +47,8 @@ impl PageStore {
             }
         }
         let index = OpenOptions::new().create(true).append(true).open(&index_path)?;
-        Ok(PageStore { data: BufWriter::with_capacity(1 << 20, data), reader, index: BufWriter::with_capacity(1 << 16, index), offsets, end })
+        let forget_every = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "store-forgets-pages").then_some(1000);
+        Ok(PageStore { data: BufWriter::with_capacity(1 << 20, data), reader, index: BufWriter::with_capacity(1 << 16, index), offsets, end, forget_every, reads: 0 })
     }
 
     pub fn len(&self) -> usize {
@@ -77,6 +82,12 @@ impl PageStore {
     /// Copies the page into `out`; false if it is not held.
     pub fn read(&mut self, id: &PageId, out: &mut [u8]) -> Result<bool> {
         let Some(&off) = self.offsets.get(id) else { return Ok(false) };
+        if self.forget_every.is_some_and(|n| {
+            self.reads += 1;
+            self.reads.is_multiple_of(n)
+        }) {
+            return Ok(false);
+        }
         if off + PAGE as u64 > self.end - self.data.buffer().len() as u64 {
             self.data.flush()?;
         }

@@ -81,7 +81,7 @@ fn migrate(sites: &Sites, from: &str, to: &str) -> serde_json::Value {
 #[test]
 fn a_running_guest_moves_keeps_its_memory_and_address_and_comes_back_by_reference() {
     let _serial = serial();
-    let sites = Sites::on(Lab::up("tmig", &["--rtt", "40ms", "--link", "client-a:rtt=2ms"]));
+    let mut sites = Sites::on(Lab::up("tmig", &["--rtt", "40ms", "--link", "client-a:rtt=2ms"]));
     let spec = write_spec(&sites.root, "g1", "ferry.mem=96M ferry.dirty=2M");
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     let before = wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(60));
@@ -110,7 +110,11 @@ fn a_running_guest_moves_keeps_its_memory_and_address_and_comes_back_by_referenc
     assert!(n(&first, "wire_sent") < n(&first, "stream_bytes"), "{first}");
     assert!(first["encrypted"].as_bool().unwrap());
 
-    // Back to a, which kept the pages it sent: most of the memory travels as references.
+    // Back to a, which kept the pages it sent: most of the memory travels as references. Its
+    // store now misses one read in a thousand (fault injection): a asks b for those pages.
+    let pki = sites.root.join("pki");
+    sites.kill_agent("a");
+    sites.start_agent_with("a", &pki, &[("FERRY_FAULT", "store-forgets-pages")]);
     std::thread::sleep(Duration::from_secs(2));
     let back = migrate(&sites, "b", "a");
     println!("b→a: {back}");
@@ -119,6 +123,8 @@ fn a_running_guest_moves_keeps_its_memory_and_address_and_comes_back_by_referenc
     let home = wait_heartbeat_after(&sites, "a", field(&after, "seq").unwrap(), Duration::from_secs(30));
     assert_eq!(field(&home, "corrupt"), Some(0), "{home}");
     assert!(n(&back, "pages_referenced") > 3 * n(&back, "pages_sent"), "return trip: {back}");
+    let asked = sites.agent_log("a").matches("asking the source for a page").count();
+    assert!(asked > 0, "the faulty store made a ask for pages: {}", tail(&sites.agent_log("a")));
     assert!(n(&back, "wire_sent") * 3 < n(&first, "wire_sent"), "return trip sent {} B, first trip {} B", n(&back, "wire_sent"), n(&first, "wire_sent"));
 
     let out = probe.wait_with_output().unwrap();

@@ -70,6 +70,8 @@
 //! | `0x24` | `StreamEnd` | migration \[16], batches u64                                             |
 //! | `0x25` | `MigrateOutcome` | migration \[16], running bool, message str                           |
 //! | `0x26` | `StreamAck` | migration \[16], written u64                                             |
+//! | `0x27` | `PageWant` | migration \[16], id \[32]                                                 |
+//! | `0x28` | `PageData` | migration \[16], id \[32], data (u32 len + bytes)                         |
 //!
 //! `0x00` is never a valid type, so a zero-filled buffer is caught at its first byte.
 //! Session-level messages use `0x0_`, transfer-level ones `0x1_`, live-migration ones `0x2_`.

@@ -160,6 +160,15 @@ pub enum Message {
     /// source keeps what is in flight beyond that small, so QEMU's own bandwidth estimate (and
     /// with it the moment it stops the VM) reflects what really reaches the destination.
     StreamAck { migration: MigrationId, written: u64 },
+    /// The destination lacks a page the source sent by reference (its list of held pages named
+    /// it only by a prefix, or its store lost it): the source answers with `PageData`.
+    PageWant { migration: MigrationId, id: ChunkId },
+    /// A page's content, answering `PageWant`; empty if the source does not hold it either.
+    PageData {
+        migration: MigrationId,
+        id: ChunkId,
+        data: Bytes,
+    },
     /// The source QEMU closed its stream after `batches` batches.
     StreamEnd { migration: MigrationId, batches: u64 },
     /// How the migration ended at the destination: `running` once the destination VM runs.
@@ -199,6 +208,8 @@ pub(crate) enum MessageType {
     StreamEnd = 0x24,
     MigrateOutcome = 0x25,
     StreamAck = 0x26,
+    PageWant = 0x27,
+    PageData = 0x28,
 }
 
 impl MessageType {
@@ -224,6 +235,8 @@ impl MessageType {
             0x24 => Self::StreamEnd,
             0x25 => Self::MigrateOutcome,
             0x26 => Self::StreamAck,
+            0x27 => Self::PageWant,
+            0x28 => Self::PageData,
             _ => return None,
         })
     }
@@ -254,6 +267,8 @@ impl MessageType {
             Self::StreamEnd => "StreamEnd",
             Self::MigrateOutcome => "MigrateOutcome",
             Self::StreamAck => "StreamAck",
+            Self::PageWant => "PageWant",
+            Self::PageData => "PageData",
         }
     }
 }
@@ -278,6 +293,8 @@ impl Message {
             Self::StreamEnd { .. } => MessageType::StreamEnd,
             Self::MigrateOutcome { .. } => MessageType::MigrateOutcome,
             Self::StreamAck { .. } => MessageType::StreamAck,
+            Self::PageWant { .. } => MessageType::PageWant,
+            Self::PageData { .. } => MessageType::PageData,
             Self::Error { .. } => MessageType::Error,
             Self::Ping { .. } => MessageType::Ping,
             Self::Pong { .. } => MessageType::Pong,

@@ -72,7 +72,8 @@ pub(crate) fn validate(msg: &Message) -> Result<(), ProtoError> {
             ..
         } => check_chunk(*encoding, *raw_len, data.len()),
         Message::StreamBack { data, .. } => check_blob(data.len()),
-        Message::StreamEnd { .. } | Message::StreamAck { .. } => Ok(()),
+        Message::StreamEnd { .. } | Message::StreamAck { .. } | Message::PageWant { .. } => Ok(()),
+        Message::PageData { data, .. } => check_blob(data.len()),
         Message::Ack { .. }
         | Message::Done { .. }
         | Message::Ping { .. }
@@ -191,6 +192,8 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::StreamData { data, .. } => 16 + 8 + 1 + 4 + 4 + data.len(),
         Message::StreamBack { data, .. } => 16 + 4 + data.len(),
         Message::StreamEnd { .. } | Message::StreamAck { .. } => 16 + 8,
+        Message::PageWant { .. } => 16 + 32,
+        Message::PageData { data, .. } => 16 + 32 + 4 + data.len(),
         Message::MigrateOutcome { message, .. } => 16 + 1 + string_len(message),
     }
 }
@@ -387,6 +390,15 @@ pub(crate) fn write_payload(msg: &Message, out: &mut BytesMut) {
             out.put_slice(migration);
             out.put_u64(*written);
         }
+        Message::PageWant { migration, id } => {
+            out.put_slice(migration);
+            out.put_slice(id);
+        }
+        Message::PageData { migration, id, data } => {
+            out.put_slice(migration);
+            out.put_slice(id);
+            put_blob(out, data);
+        }
         Message::MigrateOutcome {
             migration,
             running,
@@ -508,6 +520,15 @@ pub(crate) fn read_payload(
         MessageType::StreamEnd => Message::StreamEnd {
             migration: r.array("migration")?,
             batches: r.u64("batches")?,
+        },
+        MessageType::PageWant => Message::PageWant {
+            migration: r.array("migration")?,
+            id: r.array("id")?,
+        },
+        MessageType::PageData => Message::PageData {
+            migration: r.array("migration")?,
+            id: r.array("id")?,
+            data: read_blob(&mut r, "data")?,
         },
         MessageType::StreamAck => Message::StreamAck {
             migration: r.array("migration")?,

@@ -76,11 +76,21 @@ pub struct DecodeStats {
     pub pages_ref: u64,
     pub pages_zero: u64,
     pub literal_bytes: u64,
+    /// References this site could not resolve and asked the source for.
+    pub pages_fetched: u64,
 }
 
 /// Appends the stream bytes `batch` stands for to `out`, taking referenced pages from `store`
-/// and adding the new ones to it (named by `page_id`).
-pub fn decode(batch: &[u8], store: &mut PageStore, page_id: impl Fn(&[u8]) -> PageId, out: &mut Vec<u8>, stats: &mut DecodeStats) -> Result<()> {
+/// and adding the new ones to it (named by `page_id`). A referenced page the store lacks comes
+/// from `fetch` (the source, asked over the session), checked against its ID.
+pub fn decode(
+    batch: &[u8],
+    store: &mut PageStore,
+    page_id: impl Fn(&[u8]) -> PageId,
+    fetch: &mut dyn FnMut(&PageId) -> Result<Vec<u8>>,
+    out: &mut Vec<u8>,
+    stats: &mut DecodeStats,
+) -> Result<()> {
     let mut at = 0;
     let take = |at: &mut usize, n: usize| -> Result<std::ops::Range<usize>> {
         if batch.len() - *at < n {
@@ -109,7 +119,13 @@ pub fn decode(batch: &[u8], store: &mut PageStore, page_id: impl Fn(&[u8]) -> Pa
                 let start = out.len();
                 out.resize(start + PAGE, 0);
                 if !store.read(&id, &mut out[start..]).context("reading the page store")? {
-                    bail!("the source referred to page {} which this site does not hold", hex(&id[..8]));
+                    let page = fetch(&id)?;
+                    if page.len() != PAGE || page_id(&page) != id {
+                        bail!("the source referred to page {} which neither side holds", hex(&id[..8]));
+                    }
+                    store.insert(&id, &page)?;
+                    out[start..].copy_from_slice(&page);
+                    stats.pages_fetched += 1;
                 }
                 stats.pages_ref += 1;
             }
@@ -147,7 +163,8 @@ mod tests {
         let (first, len) = e.take();
         let mut out = Vec::new();
         let mut stats = DecodeStats::default();
-        decode(&first, &mut store, id, &mut out, &mut stats).unwrap();
+        let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
+        decode(&first, &mut store, id, &mut no_fetch, &mut out, &mut stats).unwrap();
         let mut want = b"QEVM\0\0\0\x03".to_vec();
         want.extend_from_slice(&a);
         want.extend_from_slice(&[0; PAGE]);
@@ -159,14 +176,25 @@ mod tests {
         let (second, _) = e.take();
         assert_eq!(second.len(), 33);
         out.clear();
-        decode(&second, &mut store, id, &mut out, &mut stats).unwrap();
+        decode(&second, &mut store, id, &mut no_fetch, &mut out, &mut stats).unwrap();
         assert_eq!(out, a);
         assert_eq!((stats.pages_new, stats.pages_ref, stats.pages_zero, stats.literal_bytes), (1, 1, 1, 12));
         // What the store does not hold, or a cut record, is an error, never wrong bytes.
         e.page_ref(&[9; 32]);
         let (unknown, _) = e.take();
-        assert!(decode(&unknown, &mut store, id, &mut out, &mut stats).unwrap_err().to_string().contains("does not hold"));
-        assert!(decode(&first[..first.len() - 1], &mut store, id, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
+        assert!(decode(&unknown, &mut store, id, &mut no_fetch, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
+        // Fetched from the source: checked against its ID, then kept.
+        let b = vec![5u8; PAGE];
+        e.page_ref(&id(&b));
+        let (wanted, _) = e.take();
+        let mut lying = |_: &PageId| Ok(vec![6u8; PAGE]);
+        assert!(decode(&wanted, &mut store, id, &mut lying, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
+        let mut honest = |_: &PageId| Ok(vec![5u8; PAGE]);
+        out.clear();
+        decode(&wanted, &mut store, id, &mut honest, &mut out, &mut stats).unwrap();
+        assert_eq!((out.as_slice(), stats.pages_fetched), (b.as_slice(), 1));
+        assert!(store.contains(&id(&b)));
+        assert!(decode(&first[..first.len() - 1], &mut store, id, &mut no_fetch, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -5,7 +5,7 @@
 //! ends before that, QEMU is killed: the source still runs the VM.
 use super::batch::{decode, DecodeStats};
 use super::page_id;
-use crate::pages::PageStore;
+use crate::pages::{PageId, PageStore};
 use crate::vm::{process_alive, VmSpec, Vms};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, OnceCell};
 
-/// Batches decoded but not yet written to QEMU.
-const TO_QEMU_QUEUE: usize = 16;
+/// How long the destination waits for a page it asked the source for.
+const FETCH_WITHIN: Duration = Duration::from_secs(30);
 
 pub struct Shared {
     pub vms: Arc<Vms>,
@@ -53,6 +53,8 @@ struct Incoming {
     outs: Mutex<Vec<mpsc::Sender<Message>>>,
     live_connections: AtomicUsize,
     outcome: watch::Sender<Option<Outcome>>,
+    /// Pages the source sent on request, for the thread writing the stream.
+    fetched: Mutex<Option<std::sync::mpsc::Sender<(PageId, Bytes)>>>,
 }
 
 #[derive(Default)]
@@ -60,7 +62,10 @@ struct Reorder {
     next: u64,
     pending: BTreeMap<u64, Vec<u8>>,
     end: Option<u64>,
-    to_qemu: Option<mpsc::Sender<Vec<u8>>>,
+    /// Unbounded: what may be outstanding is bounded by the source's stream window, and a
+    /// connection must never stall here while the stream writer waits for a page it asked for
+    /// (the answer may be behind it on the same connection).
+    to_qemu: Option<mpsc::UnboundedSender<Vec<u8>>>,
 }
 
 impl Incoming {
@@ -103,7 +108,7 @@ impl Incoming {
             let next = r.next;
             let Some(b) = r.pending.remove(&next) else { break };
             let Some(tx) = r.to_qemu.clone() else { bail!("batch {seq} arrived after the stream's end") };
-            tx.send(b).await.map_err(|_| anyhow::anyhow!("the destination QEMU's stream writer stopped"))?;
+            tx.send(b).map_err(|_| anyhow::anyhow!("the destination QEMU's stream writer stopped"))?;
             r.next += 1;
         }
         if r.end == Some(r.next) {
@@ -136,6 +141,7 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
                     outs: Mutex::default(),
                     live_connections: AtomicUsize::new(0),
                     outcome: watch::channel(None).0,
+                    fetched: Mutex::default(),
                 })
             })
             .clone()
@@ -232,6 +238,11 @@ where
                 inc.deliver(seq, raw).await?;
             }
             Message::StreamEnd { batches, .. } => inc.end(batches).await,
+            Message::PageData { id, data, .. } => {
+                if let Some(tx) = inc.fetched.lock().unwrap().as_ref() {
+                    let _ = tx.send((id, data));
+                }
+            }
             Message::Ping { nonce } => {
                 let _ = out.try_send(Message::Pong { nonce });
             }
@@ -296,12 +307,14 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
             return Err(e);
         }
     };
-    let (to_qemu, from_session) = mpsc::channel(TO_QEMU_QUEUE);
+    let (to_qemu, from_session) = mpsc::unbounded_channel();
     inc.reorder.lock().await.to_qemu = Some(to_qemu);
+    let (fetched_tx, fetched) = std::sync::mpsc::channel();
+    *inc.fetched.lock().unwrap() = Some(fetched_tx);
     {
         let (sock, store, key, inc) = (sock.try_clone()?, shared.store.clone(), shared.tenant_key, inc.clone());
         std::thread::spawn(move || {
-            let r = write_stream(sock, from_session, &store, &key, &inc);
+            let r = write_stream(sock, from_session, fetched, &store, &key, &inc);
             match r {
                 Ok(stats) => tracing::info!(vm = %inc.vm, ?stats, "the whole stream is written to the destination QEMU"),
                 Err(e) => inc.finish(false, format!("{e:#}")),
@@ -341,13 +354,34 @@ impl Incoming {
 /// every write is acknowledged: the source should know at once that it may send more).
 const ACK_EVERY: u64 = 1 << 20;
 
-fn write_stream(mut sock: UnixStream, mut batches: mpsc::Receiver<Vec<u8>>, store: &Mutex<PageStore>, key: &[u8; 32], inc: &Incoming) -> Result<DecodeStats> {
+fn write_stream(
+    mut sock: UnixStream,
+    mut batches: mpsc::UnboundedReceiver<Vec<u8>>,
+    fetched: std::sync::mpsc::Receiver<(PageId, Bytes)>,
+    store: &Mutex<PageStore>,
+    key: &[u8; 32],
+    inc: &Incoming,
+) -> Result<DecodeStats> {
     let mut out = Vec::with_capacity(2 << 20);
     let mut stats = DecodeStats::default();
     let (mut written, mut acked) = (0u64, 0u64);
+    // The stream waits for the page: a round trip, which only a false match in the list of
+    // held pages (or a store that lost pages) costs.
+    let mut fetch = |id: &PageId| -> Result<Vec<u8>> {
+        tracing::info!(vm = %inc.vm, "asking the source for a page this site does not hold");
+        inc.tell_source_blocking(Message::PageWant { migration: inc.id, id: *id });
+        let deadline = Instant::now() + FETCH_WITHIN;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now()).context("the source did not send a page it was asked for")?;
+            let (got, data) = fetched.recv_timeout(left).context("the source did not send a page it was asked for")?;
+            if &got == id {
+                return Ok(data.to_vec());
+            }
+        }
+    };
     while let Some(b) = batches.blocking_recv() {
         out.clear();
-        decode(&b, &mut store.lock().unwrap(), |p| page_id(key, p), &mut out, &mut stats)?;
+        decode(&b, &mut store.lock().unwrap(), |p| page_id(key, p), &mut fetch, &mut out, &mut stats)?;
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
         written += out.len() as u64;
         if written - acked >= ACK_EVERY || batches.is_empty() {

@@ -67,21 +67,29 @@ struct Dedup {
 }
 
 impl Dedup {
-    fn page(&mut self, data: &[u8], enc: &mut BatchEncoder, store: &mut PageStore, st: &PumpState) -> Result<()> {
+    /// The store is locked only around an insert: the pump must never hold it while it waits
+    /// for the window, or a page the destination asks for could not be read to answer it.
+    fn page(&mut self, data: &[u8], enc: &mut BatchEncoder, store: &Mutex<PageStore>, st: &PumpState) -> Result<()> {
         if is_zero(data) {
             enc.zero_page();
             st.pages_zero.fetch_add(1, Relaxed);
             return Ok(());
         }
         let id = page_id(&self.key, data);
-        if self.sent.contains(&id) || self.held.contains(&prefix(&id)) {
+        if self.sent.contains(&id) {
+            enc.page_ref(&id);
+            st.pages_referenced.fetch_add(1, Relaxed);
+        } else if self.held.contains(&prefix(&id)) {
+            // Kept here, so that the destination can still be given the page should the
+            // prefix have matched some other page of its.
+            store.lock().unwrap().insert(&id, data)?;
             enc.page_ref(&id);
             st.pages_referenced.fetch_add(1, Relaxed);
         } else {
             enc.page(data);
             self.sent.insert(id);
             // Kept here too: should the VM come back, this site offers its pages.
-            store.insert(&id, data)?;
+            store.lock().unwrap().insert(&id, data)?;
             st.pages_sent.fetch_add(1, Relaxed);
         }
         Ok(())
@@ -112,7 +120,6 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
             Err(e) => return Err(e).context("reading QEMU's migration stream"),
         };
         st.stream_bytes.fetch_add(n as u64, Relaxed);
-        let mut store = store.lock().unwrap();
         let mut on_piece = |piece: Piece<'_>| {
             if failed.is_some() {
                 return;
@@ -123,7 +130,7 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
                     st.literal_bytes.fetch_add(b.len() as u64, Relaxed);
                 }
                 Piece::Page { data, .. } => {
-                    if let Err(e) = dedup.page(data, &mut enc, &mut store, &st) {
+                    if let Err(e) = dedup.page(data, &mut enc, &store, &st) {
                         failed = Some(e);
                     }
                 }
@@ -146,7 +153,6 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
         } else {
             splitter.feed(&buf[..n], &mut on_piece);
         }
-        drop(store);
         if let Some(e) = failed.take() {
             return Err(e);
         }
@@ -245,9 +251,21 @@ enum FromDest {
     Outcome { running: bool, message: String },
 }
 
-async fn read_loop(mut stream: Source, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>, window: Arc<StreamWindow>) -> Result<()> {
+async fn read_loop(mut stream: Source, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>, window: Arc<StreamWindow>, answers: mpsc::Sender<Message>, store: Arc<Mutex<PageStore>>) -> Result<()> {
     loop {
         match wire::next(&mut stream).await? {
+            Message::PageWant { migration, id } => {
+                let store = store.clone();
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut page = vec![0u8; PAGE];
+                    match store.lock().unwrap().read(&id, &mut page) {
+                        Ok(true) => page,
+                        _ => Vec::new(),
+                    }
+                })
+                .await?;
+                answers.send(Message::PageData { migration, id, data: Bytes::from(data) }).await.map_err(|_| anyhow::anyhow!("the session ended"))?;
+            }
             Message::StreamAck { written, .. } => window.acked(written),
             Message::Ping { .. } | Message::Pong { .. } => {}
             Message::StreamBack { data, .. } => {
@@ -428,7 +446,7 @@ async fn relay(
     for c in conns {
         let (sink, stream) = c.split();
         tasks.spawn(write_loop(sink, queue.clone()));
-        tasks.spawn(read_loop(stream, back_tx.clone(), dest_tx.clone(), window.clone()));
+        tasks.spawn(read_loop(stream, back_tx.clone(), dest_tx.clone(), window.clone(), send_tx.clone(), ctx.store.clone()));
     }
     drop(back_tx);
     tasks.spawn(compress_in_order(migration, raw_rx, send_tx));

@@ -155,6 +155,15 @@ pub fn small_messages() -> Vec<Message> {
             migration: TRANSFER,
             written: 1 << 20,
         },
+        Message::PageWant {
+            migration: TRANSFER,
+            id: id(4),
+        },
+        Message::PageData {
+            migration: TRANSFER,
+            id: id(4),
+            data: Bytes::from_static(&[0; 16]),
+        },
         Message::MigrateOutcome {
             migration: TRANSFER,
             running: true,

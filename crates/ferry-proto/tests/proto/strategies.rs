@@ -196,6 +196,9 @@ fn migration_message() -> impl Strategy<Value = Message> {
             .prop_map(|(migration, batches)| Message::StreamEnd { migration, batches }),
         (migration(), any::<u64>())
             .prop_map(|(migration, written)| Message::StreamAck { migration, written }),
+        (migration(), any::<[u8; 32]>()).prop_map(|(migration, id)| Message::PageWant { migration, id }),
+        (migration(), any::<[u8; 32]>(), bytes(256))
+            .prop_map(|(migration, id, data)| Message::PageData { migration, id, data }),
         (migration(), any::<bool>(), text()).prop_map(|(migration, running, message)| {
             Message::MigrateOutcome {
                 migration,
