@@ -6,7 +6,7 @@
 //! back at start. A torn tail (a crash mid-append) is ignored: the index only names pages whose
 //! bytes were written first.
 use anyhow::{Context, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -25,6 +25,8 @@ pub struct PageStore {
     /// reads miss, as a store that lost pages would.
     forget_every: Option<u64>,
     reads: u64,
+    dir: std::path::PathBuf,
+    peers: HashMap<String, PeerPages>,
 }
 
 impl PageStore {
@@ -48,7 +50,7 @@ impl PageStore {
         }
         let index = OpenOptions::new().create(true).append(true).open(&index_path)?;
         let forget_every = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "store-forgets-pages").then_some(1000);
-        Ok(PageStore { data: BufWriter::with_capacity(1 << 20, data), reader, index: BufWriter::with_capacity(1 << 16, index), offsets, end, forget_every, reads: 0 })
+        Ok(PageStore { data: BufWriter::with_capacity(1 << 20, data), reader, index: BufWriter::with_capacity(1 << 16, index), offsets, end, forget_every, reads: 0, dir: dir.to_path_buf(), peers: HashMap::new() })
     }
 
     pub fn len(&self) -> usize {
@@ -100,18 +102,60 @@ impl PageStore {
     pub fn flush(&mut self) -> Result<()> {
         self.data.flush()?;
         self.index.flush()?;
+        for p in self.peers.values_mut() {
+            p.file.flush()?;
+        }
         Ok(())
     }
 
     /// The IDs held, as 8-byte prefixes (what a destination tells a source it holds), at most
-    /// `max` of them.
-    pub fn prefixes(&self, max: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.offsets.len().min(max) * 8);
-        for id in self.offsets.keys().take(max) {
+    /// `max` of them, leaving out those `peer` is known to hold already (it sent them here or
+    /// was sent them from here).
+    pub fn prefixes(&mut self, max: usize, peer: &str) -> Vec<u8> {
+        let _ = self.peer(peer);
+        let known = self.peers.get(peer).map(|k| &k.ids);
+        let mut out = Vec::new();
+        for id in self.offsets.keys().filter(|id| !known.is_some_and(|k| k.contains(*id))).take(max) {
             out.extend_from_slice(&id[..8]);
         }
         out
     }
+
+    /// Notes that `peer` holds page `id` (it sent it here, or was sent it from here).
+    pub fn note_peer_holds(&mut self, peer: &str, id: &PageId) -> Result<()> {
+        let known = self.peer(peer)?;
+        if known.ids.insert(*id) {
+            known.file.write_all(id)?;
+        }
+        Ok(())
+    }
+
+    /// The pages `peer` is known to hold. A site's store can lose pages (wiped, pruned): a
+    /// source that refers to one such is asked for it, so this may be optimistic.
+    pub fn peer_holds(&mut self, peer: &str) -> Result<HashSet<PageId>> {
+        Ok(self.peer(peer)?.ids.clone())
+    }
+
+    fn peer(&mut self, peer: &str) -> Result<&mut PeerPages> {
+        if !self.peers.contains_key(peer) {
+            let safe: String = peer.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+            let path = self.dir.join(format!("peer-{safe}.ids"));
+            let mut ids = HashSet::new();
+            if let Ok(mut f) = File::open(&path) {
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf)?;
+                ids.extend(buf.chunks_exact(32).map(|c| <PageId>::try_from(c).unwrap()));
+            }
+            let file = BufWriter::with_capacity(1 << 16, OpenOptions::new().create(true).append(true).open(&path)?);
+            self.peers.insert(peer.to_string(), PeerPages { ids, file });
+        }
+        Ok(self.peers.get_mut(peer).unwrap())
+    }
+}
+
+struct PeerPages {
+    ids: HashSet<PageId>,
+    file: BufWriter<File>,
 }
 
 impl Drop for PageStore {
@@ -155,7 +199,13 @@ mod tests {
         let mut out = vec![0; PAGE];
         assert!(s.read(&id(1), &mut out).unwrap());
         assert_eq!(out, page(1));
-        assert_eq!(s.prefixes(10).len(), 16);
+        assert_eq!(s.prefixes(10, "b").len(), 16);
+        s.note_peer_holds("b", &id(1)).unwrap();
+        assert_eq!(s.prefixes(10, "b").len(), 8, "what b holds is not listed to b");
+        drop(s);
+        let mut s = PageStore::open(&dir).unwrap();
+        assert!(s.peer_holds("b").unwrap().contains(&id(1)), "remembered across a reopen");
+        assert!(s.peer_holds("c").unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

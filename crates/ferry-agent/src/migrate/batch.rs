@@ -86,6 +86,7 @@ pub struct DecodeStats {
 pub fn decode(
     batch: &[u8],
     store: &mut PageStore,
+    from_peer: &str,
     page_id: impl Fn(&[u8]) -> PageId,
     fetch: &mut dyn FnMut(&PageId) -> Result<Vec<u8>>,
     out: &mut Vec<u8>,
@@ -110,7 +111,9 @@ pub fn decode(
             }
             PAGE_DATA => {
                 let page = &batch[take(&mut at, PAGE)?];
-                store.insert(&page_id(page), page)?;
+                let id = page_id(page);
+                store.insert(&id, page)?;
+                store.note_peer_holds(from_peer, &id)?;
                 out.extend_from_slice(page);
                 stats.pages_new += 1;
             }
@@ -164,7 +167,7 @@ mod tests {
         let mut out = Vec::new();
         let mut stats = DecodeStats::default();
         let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
-        decode(&first, &mut store, id, &mut no_fetch, &mut out, &mut stats).unwrap();
+        decode(&first, &mut store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
         let mut want = b"QEVM\0\0\0\x03".to_vec();
         want.extend_from_slice(&a);
         want.extend_from_slice(&[0; PAGE]);
@@ -176,25 +179,25 @@ mod tests {
         let (second, _) = e.take();
         assert_eq!(second.len(), 33);
         out.clear();
-        decode(&second, &mut store, id, &mut no_fetch, &mut out, &mut stats).unwrap();
+        decode(&second, &mut store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
         assert_eq!(out, a);
         assert_eq!((stats.pages_new, stats.pages_ref, stats.pages_zero, stats.literal_bytes), (1, 1, 1, 12));
         // What the store does not hold, or a cut record, is an error, never wrong bytes.
         e.page_ref(&[9; 32]);
         let (unknown, _) = e.take();
-        assert!(decode(&unknown, &mut store, id, &mut no_fetch, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
+        assert!(decode(&unknown, &mut store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
         // Fetched from the source: checked against its ID, then kept.
         let b = vec![5u8; PAGE];
         e.page_ref(&id(&b));
         let (wanted, _) = e.take();
         let mut lying = |_: &PageId| Ok(vec![6u8; PAGE]);
-        assert!(decode(&wanted, &mut store, id, &mut lying, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
+        assert!(decode(&wanted, &mut store, "a", id, &mut lying, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
         let mut honest = |_: &PageId| Ok(vec![5u8; PAGE]);
         out.clear();
-        decode(&wanted, &mut store, id, &mut honest, &mut out, &mut stats).unwrap();
+        decode(&wanted, &mut store, "a", id, &mut honest, &mut out, &mut stats).unwrap();
         assert_eq!((out.as_slice(), stats.pages_fetched), (b.as_slice(), 1));
         assert!(store.contains(&id(&b)));
-        assert!(decode(&first[..first.len() - 1], &mut store, id, &mut no_fetch, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
+        assert!(decode(&first[..first.len() - 1], &mut store, "a", id, &mut no_fetch, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

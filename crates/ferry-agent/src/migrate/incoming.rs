@@ -46,6 +46,8 @@ pub struct Outcome {
 struct Incoming {
     id: MigrationId,
     vm: String,
+    /// The source site, as its certificate proves it.
+    peer: String,
     ready: OnceCell<std::result::Result<Bytes, String>>,
     reorder: tokio::sync::Mutex<Reorder>,
     /// Writers of the migration's connections: the return path and the outcome use the first
@@ -136,6 +138,7 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
                 Arc::new(Incoming {
                     id: migration,
                     vm: vm.clone(),
+                    peer: peer.clone(),
                     ready: OnceCell::new(),
                     reorder: Default::default(),
                     outs: Mutex::default(),
@@ -334,7 +337,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         });
     }
     tokio::spawn(watch_qemu(shared.clone(), inc.clone()));
-    let held = shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8);
+    let held = shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8, &inc.peer);
     Ok(Bytes::from(held))
 }
 
@@ -381,7 +384,7 @@ fn write_stream(
     };
     while let Some(b) = batches.blocking_recv() {
         out.clear();
-        decode(&b, &mut store.lock().unwrap(), |p| page_id(key, p), &mut fetch, &mut out, &mut stats)?;
+        decode(&b, &mut store.lock().unwrap(), &inc.peer, |p| page_id(key, p), &mut fetch, &mut out, &mut stats)?;
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
         written += out.len() as u64;
         if written - acked >= ACK_EVERY || batches.is_empty() {

@@ -64,6 +64,8 @@ struct Dedup {
     key: [u8; 32],
     sent: HashSet<PageId>,
     held: HashSet<u64>,
+    /// The destination site's name in the store's record of what each peer holds.
+    to: String,
 }
 
 impl Dedup {
@@ -88,8 +90,11 @@ impl Dedup {
         } else {
             enc.page(data);
             self.sent.insert(id);
-            // Kept here too: should the VM come back, this site offers its pages.
-            store.lock().unwrap().insert(&id, data)?;
+            // Kept here too: should the VM come back, this site offers its pages, and knows the
+            // destination holds them.
+            let mut store = store.lock().unwrap();
+            store.insert(&id, data)?;
+            store.note_peer_holds(&self.to, &id)?;
             st.pages_sent.fetch_add(1, Relaxed);
         }
         Ok(())
@@ -451,7 +456,11 @@ async fn relay(
     drop(back_tx);
     tasks.spawn(compress_in_order(migration, raw_rx, send_tx));
     // Pump and return-path writer are plain threads: QEMU's socket is blocking.
-    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent: HashSet::new(), held };
+    // Pages exchanged with this destination before count as sent: it does not list them again.
+    let store = ctx.store.clone();
+    let to = req.to.clone();
+    let sent = tokio::task::spawn_blocking(move || store.lock().unwrap().peer_holds(&to)).await??;
+    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held, to: req.to.clone() };
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
     let pump_window = window.clone();
     let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st));
