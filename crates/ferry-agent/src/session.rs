@@ -172,7 +172,7 @@ pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: 
     if rtt.is_none() {
         let (stream, slot, handshake) = dial(identity, to_site, addr).await?;
         rtt = Some(handshake);
-        first_fresh = Some(IdleConn { conn: Framed::new(stream, FrameCodec), counter: slot });
+        first_fresh = Some(IdleConn::new(Framed::new(stream, FrameCodec), slot));
     }
     let rtt = rtt.expect("measured");
     let n = connections_for(cfg.link_rate_bps, rtt);
@@ -180,7 +180,7 @@ pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: 
     ready.extend(first_fresh);
     let fresh = futures::future::try_join_all((ready.len()..n).map(|_| async move {
         let (stream, slot, _) = dial(identity, to_site, addr).await?;
-        Ok::<_, anyhow::Error>(IdleConn { conn: Framed::new(stream, FrameCodec), counter: slot })
+        Ok::<_, anyhow::Error>(IdleConn::new(Framed::new(stream, FrameCodec), slot))
     }))
     .await?;
     ready.extend(fresh);

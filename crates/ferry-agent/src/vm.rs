@@ -294,10 +294,13 @@ impl Vms {
 
     /// The VM's QMP connection, (re)connected if needed; others wait while it is held.
     pub async fn qmp(&self, name: &str) -> Result<QmpGuard> {
-        let slot = match self.vms.lock().unwrap().get(name) {
-            Some(vm) => vm.qmp.clone(),
+        let (slot, pid) = match self.vms.lock().unwrap().get(name) {
+            Some(vm) => (vm.qmp.clone(), vm.pid),
             None => bail!("no VM named {name:?} runs on this site"),
         };
+        if !process_alive(pid) {
+            bail!("VM {name}'s QEMU (pid {pid}) has exited");
+        }
         let mut guard = slot.lock_owned().await;
         if guard.as_ref().is_none_or(|q| q.broken) {
             *guard = None;
@@ -357,14 +360,26 @@ impl Vms {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
-        self.forget(name);
+        self.forget_pid(name, pid);
     }
 
     fn forget(&self, name: &str) {
-        if let Some(vm) = self.vms.lock().unwrap().remove(name) {
-            for i in 0..vm.spec.nics.len() {
-                let _ = ip(&["link", "del", &tap_name(name, i)]);
-            }
+        if let Some(pid) = self.pid(name) {
+            self.forget_pid(name, pid);
+        }
+    }
+
+    /// Forgets the VM `name` if it is still the QEMU `pid`: a VM of the same name may have been
+    /// started meanwhile (an incoming migration after a failed one), and it is not this one.
+    fn forget_pid(&self, name: &str, pid: u32) {
+        let mut vms = self.vms.lock().unwrap();
+        if vms.get(name).is_none_or(|v| v.pid != pid) {
+            return;
+        }
+        let vm = vms.remove(name).expect("present");
+        drop(vms);
+        for i in 0..vm.spec.nics.len() {
+            let _ = ip(&["link", "del", &tap_name(name, i)]);
         }
         let _ = std::fs::remove_file(self.dir(name).join("pid"));
     }

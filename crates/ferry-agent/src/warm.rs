@@ -15,7 +15,19 @@ use tokio_util::codec::Framed;
 pub struct IdleConn {
     pub conn: Conn<BoxStream>,
     pub counter: Arc<CounterSlot>,
+    /// When the peer last answered on it. Over a cut link a ping is still "sent" (into the
+    /// socket's buffer) for minutes: only answers show the connection works.
+    pub heard: std::time::Instant,
 }
+
+impl IdleConn {
+    pub fn new(conn: Conn<BoxStream>, counter: Arc<CounterSlot>) -> IdleConn {
+        IdleConn { conn, counter, heard: std::time::Instant::now() }
+    }
+}
+
+/// An idle connection unanswered this long (pings go every second) is dropped, not handed out.
+const STALE: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub struct PeerPool {
@@ -91,7 +103,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
                             let mut best = pool.rtt.lock().unwrap();
                             *best = Some(best.map_or(handshake, |b| b.min(handshake)));
                         }
-                        pool.idle.lock().await.push(IdleConn { conn: Framed::new(stream, FrameCodec), counter: slot });
+                        pool.idle.lock().await.push(IdleConn::new(Framed::new(stream, FrameCodec), slot));
                         added += 1;
                     }
                     Err(e) => {
@@ -131,14 +143,14 @@ async fn keep_alive(pool: &PeerPool) {
         let mut ok = true;
         while let Some(next) = c.conn.next().now_or_never() {
             match next {
-                Some(Ok(Message::Pong { .. })) => {}
+                Some(Ok(Message::Pong { .. })) => c.heard = std::time::Instant::now(),
                 _ => {
                     ok = false;
                     break;
                 }
             }
         }
-        if ok {
+        if ok && c.heard.elapsed() < STALE + pool.rtt.lock().unwrap().unwrap_or_default() * 2 {
             alive.push(c);
         }
     }

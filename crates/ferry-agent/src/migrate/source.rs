@@ -56,6 +56,8 @@ struct PumpState {
     /// The RAM section's END went by: the source VM has stopped.
     ram_end: AtomicBool,
     opaque: Mutex<Option<String>>,
+    /// Every page the destination holds by the end of the stream (left by the pump at EOF).
+    sent: Mutex<Option<HashSet<PageId>>>,
 }
 
 /// What the destination holds, as far as the source knows: pages sent in this migration and
@@ -64,8 +66,6 @@ struct Dedup {
     key: [u8; 32],
     sent: HashSet<PageId>,
     held: HashSet<u64>,
-    /// The destination site's name in the store's record of what each peer holds.
-    to: String,
 }
 
 impl Dedup {
@@ -90,11 +90,8 @@ impl Dedup {
         } else {
             enc.page(data);
             self.sent.insert(id);
-            // Kept here too: should the VM come back, this site offers its pages, and knows the
-            // destination holds them.
-            let mut store = store.lock().unwrap();
-            store.insert(&id, data)?;
-            store.note_peer_holds(&self.to, &id)?;
+            // Kept here too: should the VM come back, this site offers its pages.
+            store.lock().unwrap().insert(&id, data)?;
             st.pages_sent.fetch_add(1, Relaxed);
         }
         Ok(())
@@ -174,6 +171,7 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
             send(b, len)?;
         }
         if n == 0 {
+            *st.sent.lock().unwrap() = Some(std::mem::take(&mut dedup.sent));
             return Ok(());
         }
     }
@@ -404,6 +402,20 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     }
     ctx.vms.kill(&req.vm).await;
     doubt::clear(&dir);
+    // Only now that the destination runs the VM is every page sent known to be there: the next
+    // move between these sites (either way) need not list them.
+    if let Some(sent) = st.sent.lock().unwrap().take() {
+        let (store, to) = (ctx.store.clone(), req.to.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap();
+            for id in &sent {
+                if store.note_peer_holds(&to, id).is_err() {
+                    break;
+                }
+            }
+            let _ = store.flush();
+        });
+    }
     let opaque = st.opaque.lock().unwrap().clone();
     Ok(MigrateSummary {
         vm: req.vm.clone(),
@@ -460,7 +472,7 @@ async fn relay(
     let store = ctx.store.clone();
     let to = req.to.clone();
     let sent = tokio::task::spawn_blocking(move || store.lock().unwrap().peer_holds(&to)).await??;
-    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held, to: req.to.clone() };
+    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held };
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
     let pump_window = window.clone();
     let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st));
