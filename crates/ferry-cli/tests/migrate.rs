@@ -243,6 +243,9 @@ fn a_source_agent_that_dies_as_the_destination_takes_over_leaves_exactly_one_cop
     assert_eq!(serial_seq(&sites, "a"), stopped_at, "the source copy must not run while in doubt");
     wait_heartbeat_after(&sites, "b", b_seq, Duration::from_secs(10));
 
+    // b's agent restarts too and forgets the migration: it answers from the VMs it runs.
+    sites.kill_agent("b");
+    sites.start_agent("b", &pki);
     // Restarted, the agent asks b, which runs the VM: the source copy goes.
     sites.start_agent("a", &pki);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -57,7 +57,11 @@ struct Incoming {
     outcome: watch::Sender<Option<Outcome>>,
     /// Pages the source sent on request, for the thread writing the stream.
     fetched: Mutex<Option<std::sync::mpsc::Sender<(PageId, Bytes)>>>,
+    ended_at: Mutex<Option<Instant>>,
 }
+
+/// How long an ended migration is remembered for a source that asks how it ended.
+const KEEP_ENDED: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Reorder {
@@ -86,6 +90,7 @@ impl Incoming {
             first
         });
         if first {
+            *self.ended_at.lock().unwrap() = Some(Instant::now());
             tracing::info!(vm = %self.vm, running, %message, "incoming migration ended");
             self.tell_source(Message::MigrateOutcome { migration: self.id, running, message });
         }
@@ -131,8 +136,18 @@ impl Incoming {
 /// Serves one connection of a migration session; `open` is its first message.
 pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared: Arc<Shared>, peer: String) -> Result<()> {
     let Message::MigrateOpen { migration, vm, spec } = open else { bail!("not a migration") };
+    // A source that lost its session (or its agent) asks how the migration ended by opening it
+    // again with an empty spec. Answered from what is known; it must never register anything.
+    if spec.is_empty() {
+        let (sink, stream) = conn.split();
+        let (out, _writer) = wire::spawn_writer(sink);
+        wire::queue(&out, answer_query(&shared, migration, &vm).await).await?;
+        return drain(stream).await;
+    }
     let inc = {
         let mut map = shared.migrations.lock().unwrap();
+        // Ended migrations are kept a while for sources that ask how they ended.
+        map.retain(|_, m| m.ended_at.lock().unwrap().is_none_or(|t| t.elapsed() < KEEP_ENDED));
         map.entry(migration)
             .or_insert_with(|| {
                 Arc::new(Incoming {
@@ -145,17 +160,13 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
                     live_connections: AtomicUsize::new(0),
                     outcome: watch::channel(None).0,
                     fetched: Mutex::default(),
+                    ended_at: Mutex::default(),
                 })
             })
             .clone()
     };
     let (sink, mut stream) = conn.split();
     let (out, _writer) = wire::spawn_writer(sink);
-    if spec.is_empty() {
-        wire::queue(&out, answer_query(&shared, migration, &vm).await).await?;
-        return drain(stream).await;
-    }
-    // A source that lost its session asks how the migration ended by opening it again.
     if let Some(o) = inc.outcome_now() {
         wire::queue(&out, Message::MigrateOutcome { migration, running: o.running, message: o.message }).await?;
         return drain(stream).await;
