@@ -97,13 +97,19 @@ pub struct Agent {
     pub store: Arc<std::sync::Mutex<crate::pages::PageStore>>,
 }
 
+impl Agent {
+    /// What the source side of a migration works with.
+    fn source_context(&self) -> crate::migrate::source::SourceContext<'_> {
+        crate::migrate::source::SourceContext { cfg: &self.cfg, identity: &self.identity, warm: &self.warm, vms: &self.vms, store: self.store.clone() }
+    }
+}
+
 pub async fn serve(agent: Arc<Agent>) -> Result<()> {
     let cfg = agent.cfg.clone();
     {
         let agent = agent.clone();
         tokio::spawn(async move {
-            let ctx = crate::migrate::source::SourceContext { cfg: &agent.cfg, identity: &agent.identity, warm: &agent.warm, vms: &agent.vms, store: agent.store.clone() };
-            crate::migrate::doubt::settle_all(&ctx).await;
+            crate::migrate::doubt::settle_all(&agent.source_context()).await;
         });
     }
     let path = cfg.control_socket();
@@ -146,8 +152,7 @@ async fn handle(stream: UnixStream, agent: &Agent) -> Result<()> {
         }),
         Request::VmConsole { name, lines } => Box::pin(async move { agent.vms.console(&name, lines).map_or_else(failed, |text| Event::Console { text }) }),
         Request::Migrate(req) => Box::pin(async move {
-            let ctx = crate::migrate::source::SourceContext { cfg, identity, warm, vms: &agent.vms, store: agent.store.clone() };
-            crate::migrate::source::migrate_out(&ctx, req, tx).await.map_or_else(failed, Event::Migrated)
+            crate::migrate::source::migrate_out(&agent.source_context(), req, tx).await.map_or_else(failed, Event::Migrated)
         }),
     };
     tokio::pin!(work);

@@ -3,6 +3,7 @@
 //! destination turns a batch back into exactly the stream bytes it stood for.
 use crate::pages::{PageId, PageStore, PAGE};
 use anyhow::{bail, Context, Result};
+use std::sync::Mutex;
 
 const LITERAL: u8 = 0;
 const PAGE_DATA: u8 = 1;
@@ -82,10 +83,11 @@ pub struct DecodeStats {
 
 /// Appends the stream bytes `batch` stands for to `out`, taking referenced pages from `store`
 /// and adding the new ones to it (named by `page_id`). A referenced page the store lacks comes
-/// from `fetch` (the source, asked over the session), checked against its ID.
+/// from `fetch` (the source, asked over the session), checked against its ID. The store is
+/// locked per page, never across `fetch`'s wait for the network.
 pub fn decode(
     batch: &[u8],
-    store: &mut PageStore,
+    store: &Mutex<PageStore>,
     from_peer: &str,
     page_id: impl Fn(&[u8]) -> PageId,
     fetch: &mut dyn FnMut(&PageId) -> Result<Vec<u8>>,
@@ -112,6 +114,7 @@ pub fn decode(
             PAGE_DATA => {
                 let page = &batch[take(&mut at, PAGE)?];
                 let id = page_id(page);
+                let mut store = store.lock().unwrap();
                 store.insert(&id, page)?;
                 store.note_peer_holds(from_peer, &id)?;
                 out.extend_from_slice(page);
@@ -121,12 +124,13 @@ pub fn decode(
                 let id: PageId = batch[take(&mut at, 32)?].try_into().unwrap();
                 let start = out.len();
                 out.resize(start + PAGE, 0);
-                if !store.read(&id, &mut out[start..]).context("reading the page store")? {
+                let held = store.lock().unwrap().read(&id, &mut out[start..]).context("reading the page store")?;
+                if !held {
                     let page = fetch(&id)?;
                     if page.len() != PAGE || page_id(&page) != id {
                         bail!("the source referred to page {} which neither side holds", hex(&id[..8]));
                     }
-                    store.insert(&id, &page)?;
+                    store.lock().unwrap().insert(&id, &page)?;
                     out[start..].copy_from_slice(&page);
                     stats.pages_fetched += 1;
                 }
@@ -154,7 +158,7 @@ mod tests {
     fn a_batch_decodes_to_the_stream_it_stood_for() {
         let dir = std::env::temp_dir().join(format!("ferry-batch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut store = PageStore::open(&dir).unwrap();
+        let store = Mutex::new(PageStore::open(&dir).unwrap());
         let id = |p: &[u8]| *blake3::hash(p).as_bytes();
         let a = vec![7u8; PAGE];
         let mut e = BatchEncoder::default();
@@ -167,7 +171,7 @@ mod tests {
         let mut out = Vec::new();
         let mut stats = DecodeStats::default();
         let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
-        decode(&first, &mut store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
+        decode(&first, &store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
         let mut want = b"QEVM\0\0\0\x03".to_vec();
         want.extend_from_slice(&a);
         want.extend_from_slice(&[0; PAGE]);
@@ -179,25 +183,25 @@ mod tests {
         let (second, _) = e.take();
         assert_eq!(second.len(), 33);
         out.clear();
-        decode(&second, &mut store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
+        decode(&second, &store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
         assert_eq!(out, a);
         assert_eq!((stats.pages_new, stats.pages_ref, stats.pages_zero, stats.literal_bytes), (1, 1, 1, 12));
         // What the store does not hold, or a cut record, is an error, never wrong bytes.
         e.page_ref(&[9; 32]);
         let (unknown, _) = e.take();
-        assert!(decode(&unknown, &mut store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
+        assert!(decode(&unknown, &store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
         // Fetched from the source: checked against its ID, then kept.
         let b = vec![5u8; PAGE];
         e.page_ref(&id(&b));
         let (wanted, _) = e.take();
         let mut lying = |_: &PageId| Ok(vec![6u8; PAGE]);
-        assert!(decode(&wanted, &mut store, "a", id, &mut lying, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
+        assert!(decode(&wanted, &store, "a", id, &mut lying, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
         let mut honest = |_: &PageId| Ok(vec![5u8; PAGE]);
         out.clear();
-        decode(&wanted, &mut store, "a", id, &mut honest, &mut out, &mut stats).unwrap();
+        decode(&wanted, &store, "a", id, &mut honest, &mut out, &mut stats).unwrap();
         assert_eq!((out.as_slice(), stats.pages_fetched), (b.as_slice(), 1));
-        assert!(store.contains(&id(&b)));
-        assert!(decode(&first[..first.len() - 1], &mut store, "a", id, &mut no_fetch, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
+        assert!(store.lock().unwrap().contains(&id(&b)));
+        assert!(decode(&first[..first.len() - 1], &store, "a", id, &mut no_fetch, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

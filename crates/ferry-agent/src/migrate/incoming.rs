@@ -395,7 +395,7 @@ fn write_stream(
     };
     while let Some(b) = batches.blocking_recv() {
         out.clear();
-        decode(&b, &mut store.lock().unwrap(), &inc.peer, |p| page_id(key, p), &mut fetch, &mut out, &mut stats)?;
+        decode(&b, store, &inc.peer, |p| page_id(key, p), &mut fetch, &mut out, &mut stats)?;
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
         written += out.len() as u64;
         if written - acked >= ACK_EVERY || batches.is_empty() {
