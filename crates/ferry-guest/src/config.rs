@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::content::PageClass;
 use crate::memory::PAGE_SIZE;
+use ferry_guest::disk_record::RECORD_SIZE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -22,6 +23,15 @@ pub struct Config {
     pub seed: u64,
     /// Directory tree whose regular files supply "page cache" content.
     pub corpus: PathBuf,
+    /// Block device (or file) the disk writer writes records to; `None`
+    /// disables the disk writer.
+    pub disk: Option<PathBuf>,
+    /// Bytes per second of records to write; 0 disables the disk writer.
+    pub disk_bytes_per_sec: u64,
+    /// Start of the record ring on the disk; a multiple of 4 KiB.
+    pub disk_offset: u64,
+    /// Size of the record ring; a positive multiple of the record size.
+    pub disk_span: u64,
 }
 
 impl Default for Config {
@@ -36,6 +46,10 @@ impl Default for Config {
             heartbeat: Duration::from_secs(1),
             seed: 1,
             corpus: PathBuf::from("/"),
+            disk: None,
+            disk_bytes_per_sec: 2 << 20,
+            disk_offset: 0,
+            disk_span: 64 << 20,
         }
     }
 }
@@ -56,6 +70,8 @@ impl Mix {
 pub const USAGE: &str = "\
 usage: ferry-guest-workload [--mem SIZE] [--dirty SIZE] [--mix SPEC] [--echo PORT]
                             [--hb DURATION] [--seed N] [--corpus DIR]
+                            [--disk PATH] [--disk_rate SIZE] [--disk_offset SIZE]
+                            [--disk_span SIZE]
 
 Each option can also be set on the kernel command line as ferry.<name>=<value>;
 flags override the kernel command line.
@@ -68,9 +84,26 @@ flags override the kernel command line.
   --hb DURATION   heartbeat period: 500ms, 1s, 2 (seconds) (default 1s)
   --seed N        PRNG seed, decimal or 0x-hex (default 1)
   --corpus DIR    files to copy into cache pages (default /; /proc, /sys, /dev skipped)
+  --disk PATH     block device to write 64 KiB checkable records to, each followed by
+                  fdatasync (default: none, no disk writes); e.g. /dev/vda
+  --disk_rate SIZE    bytes of records per second, 0 = off (default 2M)
+  --disk_offset SIZE  start of the ring of records on the device, a multiple of 4K (default 0)
+  --disk_span SIZE    size of the ring, a multiple of 64K; it wraps (default 64M)
 ";
 
-const KEYS: [&str; 7] = ["mem", "dirty", "mix", "echo", "hb", "seed", "corpus"];
+const KEYS: [&str; 11] = [
+    "mem",
+    "dirty",
+    "mix",
+    "echo",
+    "hb",
+    "seed",
+    "corpus",
+    "disk",
+    "disk_rate",
+    "disk_offset",
+    "disk_span",
+];
 
 /// What the process was asked to do.
 #[derive(Debug, PartialEq, Eq)]
@@ -210,6 +243,29 @@ impl Config {
                     return Err("expected a directory path".to_string());
                 }
                 self.corpus = PathBuf::from(value);
+            }
+            "disk" => {
+                if value.is_empty() {
+                    return Err("expected a block device path such as /dev/vda".to_string());
+                }
+                self.disk = Some(PathBuf::from(value));
+            }
+            "disk_rate" => self.disk_bytes_per_sec = parse_size(value)?,
+            "disk_offset" => {
+                let offset = parse_size(value)?;
+                if offset % 4096 != 0 {
+                    return Err("must be a multiple of 4K".to_string());
+                }
+                self.disk_offset = offset;
+            }
+            "disk_span" => {
+                let span = parse_size(value)?;
+                if span == 0 || span % RECORD_SIZE as u64 != 0 {
+                    return Err(format!(
+                        "must be a positive multiple of the {RECORD_SIZE}-byte record size (64K)"
+                    ));
+                }
+                self.disk_span = span;
             }
             _ => unreachable!("caller checks keys against KEYS"),
         }
@@ -439,6 +495,28 @@ mod tests {
         assert!(load("", &args(&["--bogus", "1"])).is_err());
         assert!(load("", &args(&["--mem"])).is_err());
         assert!(load("", &args(&["stray"])).is_err());
+    }
+
+    #[test]
+    fn disk_writer_settings() {
+        assert_eq!(Config::default().disk, None);
+        let config = run_config(
+            "ferry.disk=/dev/vda ferry.disk_rate=4M ferry.disk_offset=1M ferry.disk_span=128M",
+            &[],
+        );
+        assert_eq!(config.disk, Some(PathBuf::from("/dev/vda")));
+        assert_eq!(config.disk_bytes_per_sec, 4 << 20);
+        assert_eq!(config.disk_offset, 1 << 20);
+        assert_eq!(config.disk_span, 128 << 20);
+        let config = run_config("ferry.disk=/dev/vda", &["--disk_rate", "0"]);
+        assert_eq!(config.disk_bytes_per_sec, 0);
+        assert_eq!(config.disk_span, 64 << 20);
+
+        assert!(load("ferry.disk=", &[]).is_err());
+        assert!(load("ferry.disk_offset=1000", &[]).is_err());
+        assert!(load("ferry.disk_span=0", &[]).is_err());
+        assert!(load("ferry.disk_span=96K", &[]).is_err());
+        assert!(load("", &args(&["--disk_span", "1M"])).is_ok());
     }
 
     #[test]

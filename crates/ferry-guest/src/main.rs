@@ -3,12 +3,14 @@
 //! It keeps guest memory busy in a realistic way (page-cache, text, random
 //! and zero pages, rewritten at a set rate), checks that memory for
 //! corruption, prints a heartbeat, and answers UDP/TCP echo so a prober can
-//! measure migration downtime. std only: it is linked statically for a
-//! busybox initramfs.
+//! measure migration downtime. Optionally it also writes checkable records
+//! to a disk (`ferry.disk=`, see `disk.rs`). std only: it is linked
+//! statically for a busybox initramfs.
 
 mod config;
 mod content;
 mod corpus;
+mod disk;
 mod echo;
 mod memory;
 mod report;
@@ -62,6 +64,10 @@ fn run(config: Config) -> ExitCode {
     }
     // After spawning the echo threads, so only this thread is affected.
     lower_this_threads_priority();
+    // After lowering the priority, which a new thread inherits.
+    if let Some(settings) = disk::DiskSettings::from_config(&config) {
+        disk::spawn_disk_writer(settings);
+    }
 
     // Walking the corpus can take a while on a big tree; do it off this
     // thread so heartbeats start immediately.
@@ -71,14 +77,16 @@ fn run(config: Config) -> ExitCode {
     let mut workload: Option<Workload> = None;
     let mut fill_started = started;
     let mut heartbeat = Heartbeat::new(config.heartbeat, started);
-    let mut out = io::stdout().lock();
+    // Stdout is locked per report, never across a sleep: the disk writer
+    // thread prints too.
+    let out = io::stdout;
 
     loop {
         let now = Instant::now();
         if heartbeat.is_due(now) {
             let stats = workload.as_ref().map(Workload::stats).unwrap_or_default();
             report::heartbeat(
-                &mut out,
+                &mut out().lock(),
                 heartbeat.seq(),
                 now.duration_since(started).as_millis(),
                 &stats,
@@ -116,7 +124,7 @@ fn run(config: Config) -> ExitCode {
             if work.fill_until(heartbeat.next_due().min(now + FILL_SLICE)) {
                 let done = Instant::now();
                 report::ready(
-                    &mut out,
+                    &mut out().lock(),
                     &fill_summary(&config, work, done.duration_since(fill_started)),
                 );
                 work.start_dirtying(done);
@@ -125,12 +133,14 @@ fn run(config: Config) -> ExitCode {
         }
 
         work.dirty_due_pages(now, now + DIRTY_SHARE);
+        let mut out = out().lock();
         work.verify_some(
             VERIFY_MAX_PAGES_PER_TICK,
             Instant::now() + VERIFY_SHARE,
             &mut out,
         );
         let _ = out.flush(); // any ferry-corrupt lines
+        drop(out);
         sleep_until(heartbeat.next_due().min(now + TICK));
     }
 }

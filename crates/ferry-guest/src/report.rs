@@ -4,7 +4,8 @@
 //! Write errors are ignored on purpose: losing the console must not stop the
 //! workload (and `println!` would panic).
 
-use std::io::Write;
+use std::io::{self, Write};
+use std::path::Path;
 
 use crate::content::PageClass;
 use crate::workload::Stats;
@@ -44,6 +45,45 @@ pub fn corrupt(out: &mut impl Write, page: usize, class: PageClass) {
     let _ = writeln!(out, "ferry-corrupt page={page} class={}", class.name());
 }
 
+/// The disk writer's one-off start line.
+pub fn disk_started(
+    out: &mut impl Write,
+    path: &Path,
+    offset: u64,
+    span: u64,
+    slots: u64,
+    bytes_per_sec: u64,
+    seed: u64,
+) {
+    let _ = writeln!(
+        out,
+        "ferry-guest: disk {} offset={offset} span={span} slots={slots} rate={bytes_per_sec} seed={seed}",
+        path.display()
+    );
+    let _ = out.flush();
+}
+
+/// `seq` is the last record written and synced (0 before the first).
+pub fn disk_progress(out: &mut impl Write, seq: u64, errors: u64) {
+    let _ = writeln!(out, "ferry-guest: disk seq={seq} errors={errors}");
+    let _ = out.flush();
+}
+
+/// `record` is the sequence number and offset of the record that failed, if
+/// the error is about one.
+pub fn disk_error(out: &mut impl Write, record: Option<(u64, u64)>, error: &io::Error) {
+    let _ = match record {
+        Some((seq, offset)) => {
+            writeln!(
+                out,
+                "ferry-guest: disk error seq={seq} offset={offset}: {error}"
+            )
+        }
+        None => writeln!(out, "ferry-guest: disk error: {error}"),
+    };
+    let _ = out.flush();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +119,22 @@ mod tests {
         assert_eq!(
             render(|out| corrupt(out, 17, PageClass::Random)),
             "ferry-corrupt page=17 class=random\n"
+        );
+        assert_eq!(
+            render(|out| disk_started(out, Path::new("/dev/vda"), 0, 64 << 20, 1024, 2 << 20, 1)),
+            "ferry-guest: disk /dev/vda offset=0 span=67108864 slots=1024 rate=2097152 seed=1\n"
+        );
+        assert_eq!(
+            render(|out| disk_progress(out, 321, 0)),
+            "ferry-guest: disk seq=321 errors=0\n"
+        );
+        assert_eq!(
+            render(|out| disk_error(out, Some((5, 65536)), &io::Error::other("EIO"))),
+            "ferry-guest: disk error seq=5 offset=65536: EIO\n"
+        );
+        assert_eq!(
+            render(|out| disk_error(out, None, &io::Error::other("no such device"))),
+            "ferry-guest: disk error: no such device\n"
         );
     }
 }

@@ -108,7 +108,7 @@ impl Workload {
             self.class_pages[class.index()] += 1;
             self.stats.filled_pages += 1;
             written += 1;
-            if written % PAGES_PER_CLOCK_CHECK == 0 && Instant::now() >= deadline {
+            if written.is_multiple_of(PAGES_PER_CLOCK_CHECK) && Instant::now() >= deadline {
                 break;
             }
         }
@@ -134,7 +134,7 @@ impl Workload {
             let index = self.dirty_choice_rng.below(self.region.pages() as u64) as usize;
             self.rewrite_page(index);
             done += 1;
-            if done % PAGES_PER_CLOCK_CHECK == 0 && Instant::now() >= deadline {
+            if done.is_multiple_of(PAGES_PER_CLOCK_CHECK) && Instant::now() >= deadline {
                 break;
             }
         }

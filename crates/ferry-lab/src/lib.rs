@@ -1,6 +1,7 @@
 //! The lab: sites as network namespaces, a user-space WAN emulator between them, guest images.
 pub mod control;
 pub mod disk_image;
+pub mod disk_records;
 pub mod embedded;
 pub mod forwarder;
 pub mod guest;
