@@ -8,3 +8,4 @@ pub mod qmp;
 pub mod vm;
 pub mod pages;
 pub mod migrate;
+pub mod nbd;
