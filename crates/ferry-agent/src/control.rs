@@ -45,6 +45,9 @@ pub struct SendRequest {
     pub zstd_level: i32,
     /// Attempts after a failure (cut link, peer restart) before giving up; each resumes.
     pub retries: u32,
+    /// The source is a running VM's disk (see `SendSpec::live`).
+    #[serde(default)]
+    pub live: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -178,7 +181,7 @@ async fn emit(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &Event) -> Result<()
 
 /// Sends with resumption: a failed attempt leaves the destination's staging file, and the next
 /// attempt (same transfer ID) sends only what is not there yet.
-async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
+pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
     let meta = std::fs::metadata(&req.source).with_context(|| format!("reading {}", req.source.display()))?;
     let transfer = transfer_id(&cfg.site, &req, meta.len(), meta.modified().ok());
     let progress = Arc::new(Progress::default());
@@ -192,7 +195,7 @@ async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: Send
             let (conns, rtt) = session::open(cfg, identity, warm, &req.to, counter.clone()).await?;
             let connections = conns.len();
             let _ = events.send(Event::Started { size: meta.len(), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
-            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()? };
+            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live };
             let ticker = {
                 let (p, c, ev) = (attempt_progress.clone(), counter.clone(), events.clone());
                 tokio::spawn(async move {

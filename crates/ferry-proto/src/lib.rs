@@ -10,7 +10,9 @@
 //! 2. per round, the sender `Announce`s a batch of entries (offset, length, chunk ID or hole);
 //!    the receiver answers `Want` with the indices of the entries it lacks;
 //! 3. the sender sends those as `Chunk`s (raw or zstd); the receiver verifies each against its ID
-//!    and `Ack`s the round;
+//!    and `Ack`s the round. A `Chunk` whose ID differs from its announcement says the block
+//!    changed at a live source (a running VM's disk) after it was announced: the receiver places
+//!    it if it matches its own ID, and the object digest follows the IDs actually placed;
 //! 4. `Done` carries the whole object's digest; `Committed` answers it.
 //!
 //! `Ping` / `Pong` keep idle connections observable; `Error` reports a fatal condition.

@@ -78,6 +78,16 @@ pub fn load(path: &Path) -> Result<ObjectIndex> {
     Ok(ObjectIndex { object: String::from_utf8(name).context("object name")?, size, blocks })
 }
 
+/// Whether the object's index describes it as it is now: written no earlier than the object
+/// was last modified (a running VM's disk changes in place after it is indexed).
+pub fn is_current(data_dir: &Path, object: &str, object_path: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (modified(&index_path(data_dir, object)), modified(object_path)) {
+        (Some(index), Some(data)) => index >= data,
+        _ => false,
+    }
+}
+
 /// Every recorded object (unreadable index files are skipped: they only cost reuse).
 pub fn all(data_dir: &Path) -> Vec<ObjectIndex> {
     let Ok(dir) = std::fs::read_dir(index_dir(data_dir)) else { return vec![] };

@@ -77,12 +77,28 @@ struct Transfer {
 
 /// Serves one connection of a session until the peer closes it or it fails.
 /// Serves one connection of a transfer session; `first` is a message already read from it.
-pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>, mut first: Option<Message>) -> Result<()>
+pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>, first: Option<Message>) -> Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, mut stream) = conn.split();
-    let (out, _writer) = wire::spawn_writer(sink);
+    let (out, writer) = wire::spawn_writer(sink);
+    let result = serve_messages(&mut stream, &session, &out, first).await;
+    if let Err(e) = &result {
+        // The sender hears why (a full disk, a digest that does not match) rather than seeing
+        // the connection drop; a connection that is itself broken just fails to carry it.
+        if out.try_send(Message::Error { code: 1, message: format!("{e:#}") }).is_ok() {
+            drop(out);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer.finish()).await;
+        }
+    }
+    result
+}
+
+async fn serve_messages<S>(stream: &mut futures::stream::SplitStream<Conn<S>>, session: &Arc<Session>, out: &tokio::sync::mpsc::Sender<Message>, mut first: Option<Message>) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     loop {
         let msg = match first.take() {
             Some(m) => m,
@@ -104,16 +120,16 @@ where
                     }
                     Err(e) => Message::OpenAck { transfer, accepted: false, reason: format!("{e:#}") },
                 };
-                wire::queue(&out, reply).await?;
+                wire::queue(out, reply).await?;
             }
             Message::Announce { transfer, round, entries } => {
                 let t = session.current(&transfer).await?;
                 let blocks: Vec<Block> = entries.iter().map(block_of).collect();
                 let planner = t.clone();
                 let (wanted, local, complete) = tokio::task::spawn_blocking(move || planner.plan_round(round, blocks)).await??;
-                wire::queue(&out, Message::Want { transfer, round, wanted }).await?;
+                wire::queue(out, Message::Want { transfer, round, wanted }).await?;
                 if let Some((reused, received)) = complete {
-                    wire::queue(&out, Message::Ack { transfer, round, reused, received }).await?;
+                    wire::queue(out, Message::Ack { transfer, round, reused, received }).await?;
                 }
                 if !local.is_empty() {
                     // The WANT is out; the local copies proceed off this connection's path.
@@ -146,7 +162,7 @@ where
                 let t = session.current(&transfer).await?;
                 let done = tokio::task::spawn_blocking(move || t.place_chunk(round, index, &id, encoding, raw_len, &data)).await??;
                 if let Some((reused, received)) = done {
-                    wire::queue(&out, Message::Ack { transfer, round, reused, received }).await?;
+                    wire::queue(out, Message::Ack { transfer, round, reused, received }).await?;
                 }
             }
             Message::Done { transfer, size, digest } => {
@@ -158,14 +174,14 @@ where
                 let result = loop {
                     tokio::select! {
                         r = &mut finishing => break r?,
-                        _ = keepalive.tick() => wire::ping(&out),
+                        _ = keepalive.tick() => wire::ping(out),
                     }
                 };
                 let reply = match result {
                     Ok(()) => Message::Committed { transfer, ok: true, digest, message: String::new() },
                     Err(e) => Message::Committed { transfer, ok: false, digest, message: format!("{e:#}") },
                 };
-                wire::queue(&out, reply).await?;
+                wire::queue(out, reply).await?;
             }
             Message::Ping { nonce } => {
                 let _ = out.try_send(Message::Pong { nonce });
@@ -190,15 +206,19 @@ fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chun
     let hasher = ChunkHasher::new(cfg.tenant_key);
     let mut local = LocalChunks::default();
     // The content store: every committed object whose index we kept (the older copy included).
+    // An index older than its object (changed in place since) is passed over: its reads would
+    // fail verification one by one.
+    let mut dest_indexed = false;
     for idx in catalog::all(&cfg.data_dir) {
         if let Ok(p) = resolve(&cfg.data_dir, &idx.object) {
-            if p.exists() {
+            if catalog::is_current(&cfg.data_dir, &idx.object, &p) {
                 local.add_indexed(&p, &idx.blocks)?;
+                dest_indexed |= p == dest;
             }
         }
     }
-    let indexed_dest = local.len();
-    if dest.exists() && indexed_dest == 0 {
+    // The older copy at the same path counts even when nothing indexed it as it is now.
+    if dest.exists() && !dest_indexed {
         local.add_file(&dest, chunker, &hasher)?;
     }
     if let Some(base) = base {
@@ -288,7 +308,9 @@ impl Transfer {
             let rounds = self.rounds.lock().unwrap();
             let r = rounds.get(&round).with_context(|| format!("chunk for unannounced round {round}"))?;
             let b = *r.blocks.get(index as usize).with_context(|| format!("chunk index {index} outside round {round}"))?;
-            if !r.missing[index as usize] || b.id.as_ref() != Some(id) || b.len != raw_len {
+            // An ID other than the announced one: the block changed at a live source since it
+            // was announced (checked against that ID below, like any other).
+            if !r.missing[index as usize] || b.id.is_none() || b.len != raw_len {
                 bail!("chunk {index} of round {round} was not asked for or does not match its announcement");
             }
             b
@@ -310,6 +332,7 @@ impl Transfer {
         if !std::mem::replace(&mut r.missing[index as usize], false) {
             return Ok(None); // a duplicate that raced: already placed
         }
+        r.blocks[index as usize].id = Some(*id);
         r.missing_count -= 1;
         r.received += 1;
         Ok((r.missing_count == 0 && !r.local_pending).then_some((r.reused, r.received)))

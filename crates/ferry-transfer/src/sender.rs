@@ -36,7 +36,14 @@ pub struct SendSpec {
     pub zstd_level: i32,
     pub transfer: [u8; 16],
     pub tenant_key: [u8; 32],
+    /// The source changes while it is sent (a running VM's disk, whose changes something else
+    /// tracks): a block that no longer matches its announced ID goes as it is now, under its
+    /// new ID, instead of failing the transfer.
+    pub live: bool,
 }
+
+/// Blocks of a live source that changed after they were announced: (round, index) → new ID.
+type Changed = std::sync::Mutex<HashMap<(u64, u32), crate::scan::ChunkId>>;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SendOutcome {
@@ -69,16 +76,18 @@ where
     let (round_tx, round_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
     let scanner = {
         let (file, progress, hasher) = (file.clone(), progress.clone(), ChunkHasher::new(spec.tenant_key));
-        let chunker = spec.chunker;
-        tokio::task::spawn_blocking(move || scan_into_rounds(&file, size, chunker, &hasher, &progress, round_tx))
+        let (chunker, live) = (spec.chunker, spec.live);
+        tokio::task::spawn_blocking(move || scan_into_rounds(&file, size, chunker, &hasher, &progress, round_tx, live))
     };
+    let changed: Arc<Changed> = Arc::default();
     let (chunk_tx, chunk_rx) = mpsc::channel::<Message>(CHUNK_QUEUE);
     let (want_tx, want_rx) = std::sync::mpsc::channel::<WantJob>();
     let want_rx = Arc::new(std::sync::Mutex::new(want_rx));
     let workers: Vec<_> = (0..compression_workers())
         .map(|_| {
             let (rx, out, file, progress, transfer, level) = (want_rx.clone(), chunk_tx.clone(), file.clone(), progress.clone(), spec.transfer, spec.zstd_level);
-            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level))
+            let live = spec.live.then(|| (ChunkHasher::new(spec.tenant_key), changed.clone()));
+            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level, live))
         })
         .collect();
     drop(chunk_tx);
@@ -115,7 +124,18 @@ where
     for w in workers {
         w.await.context("compression worker panicked")??;
     }
-    let (digest, round_count) = scanner.await.context("scanner panicked")??;
+    let (mut digest, round_count, scanned) = scanner.await.context("scanner panicked")??;
+    if let Some(mut blocks) = scanned {
+        // The digest names what was placed: a changed block under its new ID.
+        for ((round, index), id) in changed.lock().unwrap().drain() {
+            if let Some(b) = blocks.get_mut(round as usize * ROUND_BLOCKS + index as usize) {
+                b.id = Some(id);
+            }
+        }
+        let mut d = ObjectDigest::new(&spec.chunker, size);
+        blocks.iter().for_each(|b| d.add(b));
+        digest = d.finish();
+    }
     let control = conns[0].as_mut().expect("connection 0 returned");
     control.send(Message::Done { transfer: spec.transfer, size, digest }).await?;
     // The receiver verifies and syncs a large file before it answers, pinging meanwhile.
@@ -142,12 +162,18 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>) -> Result<([u8; 32], u64)> {
+/// Scans the object into rounds; returns its digest, the number of rounds and, for a live
+/// source, every block (whose IDs may still change before they are sent).
+fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>, live: bool) -> Result<([u8; 32], u64, Option<Vec<Block>>)> {
     let mut digest = ObjectDigest::new(&chunker, size);
+    let mut all = Vec::new();
     let mut current = Vec::with_capacity(ROUND_BLOCKS);
     let mut number = 0u64;
     scan(file, size, chunker, hasher, |b| {
         digest.add(&b);
+        if live {
+            all.push(b);
+        }
         progress.scanned.fetch_add(b.len as u64, Relaxed);
         if b.id.is_none() {
             progress.zero.fetch_add(b.len as u64, Relaxed);
@@ -164,7 +190,7 @@ fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHash
         tx.blocking_send(Round { number, blocks: current }).map_err(|_| anyhow::anyhow!("transfer aborted"))?;
         number += 1;
     }
-    Ok((digest.finish(), number))
+    Ok((digest.finish(), number, live.then_some(all)))
 }
 
 struct WantJob {
@@ -321,7 +347,7 @@ async fn until_finished(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// A compression worker: reads the wanted blocks in the order they were asked for, compresses
 /// them (raw where that does not pay) and queues the chunks; the bounded queue is the
 /// back-pressure from the sockets.
-fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32) -> Result<()> {
+fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32, live: Option<(ChunkHasher, Arc<Changed>)>) -> Result<()> {
     let mut compressor = Compressor::new(level)?;
     let mut buf = Vec::new();
     loop {
@@ -331,9 +357,16 @@ fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out:
         };
         for index in job.wanted {
             let b = job.blocks.get(index as usize).with_context(|| format!("WANT index {index} outside round {}", job.round))?;
-            let Some(id) = b.id else { bail!("WANT for a zero range") };
+            let Some(mut id) = b.id else { bail!("WANT for a zero range") };
             buf.resize(b.len as usize, 0);
             file.read_exact_at(&mut buf, b.offset)?;
+            if let Some((hasher, changed)) = &live {
+                let now = hasher.id(&buf);
+                if now != id {
+                    id = now;
+                    changed.lock().unwrap().insert((job.round, index), now);
+                }
+            }
             let (encoding, data) = match compressor.compress(&buf)? {
                 Some(z) => (Encoding::Zstd, bytes::Bytes::copy_from_slice(z)),
                 None => (Encoding::Raw, bytes::Bytes::copy_from_slice(&buf)),
