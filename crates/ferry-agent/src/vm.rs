@@ -59,6 +59,10 @@ pub struct DiskSpec {
     pub path: PathBuf,
     #[serde(default = "raw")]
     pub format: String,
+    /// A template every site keeps at this path under its data directory (an older version of
+    /// the disk, or the image it was cloned from): what a move need not send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 fn raw() -> String {
@@ -225,6 +229,10 @@ impl Vms {
 
     pub fn dir(&self, name: &str) -> PathBuf {
         vm_dir(&self.data_dir, name)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     pub fn spec(&self, name: &str) -> Result<VmSpec> {

@@ -130,6 +130,20 @@ fn print_summary(s: &MigrateSummary) {
     let downtime = s.qemu_downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms"));
     println!("  QEMU's stream {:.1} MB → on the wire {:.1} MB ({:.1} %) · QEMU downtime {downtime}", mb(s.stream_bytes), mb(s.wire_sent), 100.0 * s.wire_sent as f64 / s.stream_bytes.max(1) as f64);
     println!("  pages: {} sent, {} by reference, {} zero · {:.1} MB other state", s.pages_sent, s.pages_referenced, s.pages_zero, mb(s.literal_bytes));
+    if let Some(d) = &s.disks {
+        println!(
+            "  disks: {} · {:.1} MB · bulk {:.2} s, {:.1} MB sent, {:.1} MB reused · {} live rounds, {:.1} MB dirty · last {:.1} MB in {:.0} ms paused",
+            d.disks,
+            mb(d.bytes),
+            d.bulk_seconds,
+            mb(d.bulk_sent),
+            mb(d.bulk_reused),
+            d.rounds,
+            mb(d.dirty_bytes),
+            mb(d.final_bytes),
+            d.final_ms
+        );
+    }
     if let Some(o) = &s.opaque {
         println!("  part of the stream was carried opaque: {o}");
     }

@@ -1,6 +1,8 @@
 //! How a stretch of QEMU's migration stream travels: a batch of records, each literal stream
 //! bytes, a new RAM page, a reference to a page the destination holds, or a zero page. The
-//! destination turns a batch back into exactly the stream bytes it stood for.
+//! destination turns a batch back into exactly the stream bytes it stood for. Records of what
+//! the guest wrote to a local disk ride in the same batches, so they reach the destination's
+//! disk before any stream byte that follows them (the switchover's device state included).
 use crate::pages::{PageId, PageStore, PAGE};
 use anyhow::{bail, Context, Result};
 use std::sync::Mutex;
@@ -9,6 +11,16 @@ const LITERAL: u8 = 0;
 const PAGE_DATA: u8 = 1;
 const PAGE_REF: u8 = 2;
 const ZERO_PAGE: u8 = 3;
+/// Disk index u8, offset u64, length u32, then the bytes.
+const DISK_DATA: u8 = 4;
+/// Disk index u8, offset u64, length u32: the range reads as zeros.
+const DISK_ZERO: u8 = 5;
+
+/// What a disk record asks the destination to do.
+pub enum DiskWrite<'a> {
+    Data { disk: u8, offset: u64, data: &'a [u8] },
+    Zero { disk: u8, offset: u64, len: u32 },
+}
 
 /// A batch being built; consecutive literals merge into one record.
 #[derive(Default)]
@@ -52,6 +64,24 @@ impl BatchEncoder {
         self.record(ZERO_PAGE, &[]);
     }
 
+    /// A disk range as the guest left it (all zeros travels as a length alone).
+    pub fn disk(&mut self, disk: u8, offset: u64, data: &[u8]) {
+        self.literal_len_at = None;
+        let zero = data.iter().all(|b| *b == 0);
+        self.buf.push(if zero { DISK_ZERO } else { DISK_DATA });
+        self.buf.push(disk);
+        self.buf.extend_from_slice(&offset.to_be_bytes());
+        self.buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        if !zero {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// Encoded bytes so far (disk records stand for no stream bytes but still take room).
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
     fn record(&mut self, tag: u8, body: &[u8]) {
         self.literal_len_at = None;
         self.buf.push(tag);
@@ -79,18 +109,23 @@ pub struct DecodeStats {
     pub literal_bytes: u64,
     /// References this site could not resolve and asked the source for.
     pub pages_fetched: u64,
+    /// Disk bytes written as data, and as zero ranges.
+    pub disk_data: u64,
+    pub disk_zero: u64,
 }
 
 /// Appends the stream bytes `batch` stands for to `out`, taking referenced pages from `store`
 /// and adding the new ones to it (named by `page_id`). A referenced page the store lacks comes
 /// from `fetch` (the source, asked over the session), checked against its ID. The store is
 /// locked per page, never across `fetch`'s wait for the network.
+#[allow(clippy::too_many_arguments)] // each argument is one of the decoder's distinct sinks or sources
 pub fn decode(
     batch: &[u8],
     store: &Mutex<PageStore>,
     from_peer: &str,
     page_id: impl Fn(&[u8]) -> PageId,
     fetch: &mut dyn FnMut(&PageId) -> Result<Vec<u8>>,
+    disk: &mut dyn FnMut(DiskWrite<'_>) -> Result<()>,
     out: &mut Vec<u8>,
     stats: &mut DecodeStats,
 ) -> Result<()> {
@@ -140,6 +175,19 @@ pub fn decode(
                 out.resize(out.len() + PAGE, 0);
                 stats.pages_zero += 1;
             }
+            DISK_DATA | DISK_ZERO => {
+                let head = &batch[take(&mut at, 13)?];
+                let index = head[0];
+                let offset = u64::from_be_bytes(head[1..9].try_into().unwrap());
+                let len = u32::from_be_bytes(head[9..13].try_into().unwrap());
+                if tag == DISK_DATA {
+                    disk(DiskWrite::Data { disk: index, offset, data: &batch[take(&mut at, len as usize)?] })?;
+                    stats.disk_data += len as u64;
+                } else {
+                    disk(DiskWrite::Zero { disk: index, offset, len })?;
+                    stats.disk_zero += len as u64;
+                }
+            }
             t => bail!("unknown batch record type {t} at byte {}", at - 1),
         }
     }
@@ -171,7 +219,8 @@ mod tests {
         let mut out = Vec::new();
         let mut stats = DecodeStats::default();
         let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
-        decode(&first, &store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
+        let mut no_disk = |_: DiskWrite<'_>| -> Result<()> { anyhow::bail!("no disk here") };
+        decode(&first, &store, "a", id, &mut no_fetch, &mut no_disk, &mut out, &mut stats).unwrap();
         let mut want = b"QEVM\0\0\0\x03".to_vec();
         want.extend_from_slice(&a);
         want.extend_from_slice(&[0; PAGE]);
@@ -183,25 +232,57 @@ mod tests {
         let (second, _) = e.take();
         assert_eq!(second.len(), 33);
         out.clear();
-        decode(&second, &store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap();
+        decode(&second, &store, "a", id, &mut no_fetch, &mut no_disk, &mut out, &mut stats).unwrap();
         assert_eq!(out, a);
         assert_eq!((stats.pages_new, stats.pages_ref, stats.pages_zero, stats.literal_bytes), (1, 1, 1, 12));
         // What the store does not hold, or a cut record, is an error, never wrong bytes.
         e.page_ref(&[9; 32]);
         let (unknown, _) = e.take();
-        assert!(decode(&unknown, &store, "a", id, &mut no_fetch, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
+        assert!(decode(&unknown, &store, "a", id, &mut no_fetch, &mut no_disk, &mut out, &mut stats).unwrap_err().to_string().contains("not at the source"));
         // Fetched from the source: checked against its ID, then kept.
         let b = vec![5u8; PAGE];
         e.page_ref(&id(&b));
         let (wanted, _) = e.take();
         let mut lying = |_: &PageId| Ok(vec![6u8; PAGE]);
-        assert!(decode(&wanted, &store, "a", id, &mut lying, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
+        assert!(decode(&wanted, &store, "a", id, &mut lying, &mut no_disk, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
         let mut honest = |_: &PageId| Ok(vec![5u8; PAGE]);
         out.clear();
-        decode(&wanted, &store, "a", id, &mut honest, &mut out, &mut stats).unwrap();
+        decode(&wanted, &store, "a", id, &mut honest, &mut no_disk, &mut out, &mut stats).unwrap();
         assert_eq!((out.as_slice(), stats.pages_fetched), (b.as_slice(), 1));
         assert!(store.lock().unwrap().contains(&id(&b)));
-        assert!(decode(&first[..first.len() - 1], &store, "a", id, &mut no_fetch, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
+        assert!(decode(&first[..first.len() - 1], &store, "a", id, &mut no_fetch, &mut no_disk, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn disk_records_reach_the_disk_in_place_and_stand_for_no_stream_bytes() {
+        let dir = std::env::temp_dir().join(format!("ferry-batch-disk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Mutex::new(PageStore::open(&dir).unwrap());
+        let mut e = BatchEncoder::default();
+        e.literal(b"ab");
+        e.disk(1, 1 << 30, &[3u8; 100]);
+        e.disk(0, 4096, &[0u8; 65536]);
+        e.literal(b"cd");
+        let (b, len) = e.take();
+        assert_eq!(len, 4);
+        assert_eq!(b.len(), 5 + 2 + (1 + 13 + 100) + (1 + 13) + 5 + 2, "a zero range travels as its length");
+        let mut writes = Vec::new();
+        let mut disk = |w: DiskWrite<'_>| -> Result<()> {
+            writes.push(match w {
+                DiskWrite::Data { disk, offset, data } => (disk, offset, data.len() as u32, data[0]),
+                DiskWrite::Zero { disk, offset, len } => (disk, offset, len, 0),
+            });
+            Ok(())
+        };
+        let (mut out, mut stats) = (Vec::new(), DecodeStats::default());
+        let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
+        decode(&b, &store, "a", |p| *blake3::hash(p).as_bytes(), &mut no_fetch, &mut disk, &mut out, &mut stats).unwrap();
+        assert_eq!(out, b"abcd");
+        assert_eq!(writes, vec![(1, 1 << 30, 100, 3), (0, 4096, 65536, 0)]);
+        assert_eq!((stats.disk_data, stats.disk_zero), (100, 65536));
+        let mut disk = |_: DiskWrite<'_>| -> Result<()> { Ok(()) };
+        assert!(decode(&b[..b.len() - 20], &store, "a", |p| *blake3::hash(p).as_bytes(), &mut no_fetch, &mut disk, &mut Vec::new(), &mut stats).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

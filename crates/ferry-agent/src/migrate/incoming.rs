@@ -4,6 +4,7 @@
 //! goes back to the source. The VM counts as moved once QEMU reports it running. If the session
 //! ends before that, QEMU is killed: the source still runs the VM.
 use super::batch::{decode, DecodeStats};
+use super::disks::DiskWriter;
 use super::page_id;
 use crate::pages::{PageId, PageStore};
 use crate::vm::{process_alive, VmSpec, Vms};
@@ -286,7 +287,9 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
 /// stream and read the return path. Returns the page-ID prefixes this site holds.
 async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) -> Result<Bytes> {
-    let spec: VmSpec = serde_json::from_slice(spec).context("the VM's spec")?;
+    let mut spec: VmSpec = serde_json::from_slice(spec).context("the VM's spec")?;
+    // Its disks are here already (the bulk pass went first), under this site's data dir.
+    super::disks::arrive(&mut spec, shared.vms.data_dir());
     if spec.name != inc.vm {
         bail!("the spec names VM {:?}, the migration {:?}", spec.name, inc.vm);
     }
@@ -321,6 +324,13 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
             return Err(e);
         }
     };
+    let disks = match DiskWriter::open(&spec) {
+        Ok(d) => d,
+        Err(e) => {
+            shared.vms.kill(&spec.name).await;
+            return Err(e);
+        }
+    };
     let (to_qemu, from_session) = mpsc::unbounded_channel();
     inc.reorder.lock().await.to_qemu = Some(to_qemu);
     let (fetched_tx, fetched) = std::sync::mpsc::channel();
@@ -328,7 +338,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     {
         let (sock, store, key, inc) = (sock.try_clone()?, shared.store.clone(), shared.tenant_key, inc.clone());
         std::thread::spawn(move || {
-            let r = write_stream(sock, from_session, fetched, &store, &key, &inc);
+            let r = write_stream(sock, from_session, fetched, &store, &key, &inc, &disks);
             match r {
                 Ok(stats) => tracing::info!(vm = %inc.vm, ?stats, "the whole stream is written to the destination QEMU"),
                 Err(e) => inc.finish(false, format!("{e:#}")),
@@ -375,6 +385,7 @@ fn write_stream(
     store: &Mutex<PageStore>,
     key: &[u8; 32],
     inc: &Incoming,
+    disks: &DiskWriter,
 ) -> Result<DecodeStats> {
     let mut out = Vec::with_capacity(2 << 20);
     let mut stats = DecodeStats::default();
@@ -395,7 +406,7 @@ fn write_stream(
     };
     while let Some(b) = batches.blocking_recv() {
         out.clear();
-        decode(&b, store, &inc.peer, |p| page_id(key, p), &mut fetch, &mut out, &mut stats)?;
+        decode(&b, store, &inc.peer, |p| page_id(key, p), &mut fetch, &mut |w| disks.apply(w), &mut out, &mut stats)?;
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
         written += out.len() as u64;
         if written - acked >= ACK_EVERY || batches.is_empty() {
@@ -404,6 +415,7 @@ fn write_stream(
         }
     }
     store.lock().unwrap().flush()?;
+    disks.sync()?;
     Ok(stats)
 }
 

@@ -4,6 +4,7 @@
 //! waits with `-incoming`. QEMU's return path is relayed back, so the source QEMU completes only
 //! once the destination has loaded everything and runs.
 pub mod batch;
+pub mod disks;
 pub mod doubt;
 pub mod incoming;
 pub mod source;
@@ -48,4 +49,7 @@ pub struct MigrateSummary {
     /// Set when ferry stopped understanding the stream and carried the rest opaque.
     pub opaque: Option<String>,
     pub encrypted: bool,
+    /// How the VM's local disks moved, if it has any.
+    #[serde(default)]
+    pub disks: Option<disks::DiskSummary>,
 }

@@ -7,6 +7,7 @@
 //! decides when to stop the VM from that figure, so nothing between QEMU and the WAN may soak
 //! up more than a few hundred KiB (see `session::NOTSENT_LOWAT` for the sockets' share).
 use super::batch::BatchEncoder;
+use super::disks::{DiskMove, PumpInput};
 use super::doubt;
 use super::window::StreamWindow;
 use super::{page_id, MigrateRequest, MigrateSummary};
@@ -103,10 +104,13 @@ fn is_zero(data: &[u8]) -> bool {
     pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
 }
 
-/// Reads QEMU's stream until QEMU closes it, handing batches on in stream order.
-fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>) -> Result<()> {
+/// Reads QEMU's stream until QEMU closes it, handing batches on in stream order; disk records
+/// go between QEMU's writes, in the order they come.
+fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>, mut disk: Option<std::sync::mpsc::Receiver<PumpInput>>) -> Result<()> {
+    // Disk records stand for no stream bytes: they wait for no room in the window (the last
+    // ones go while the VM stands still).
     let send = |b: Vec<u8>, stream_len: usize| -> Result<()> {
-        if !window.acquire(stream_len as u64) || out.blocking_send(b).is_err() {
+        if (stream_len > 0 && !window.acquire(stream_len as u64)) || out.blocking_send(b).is_err() {
             bail!("the session ended");
         }
         Ok(())
@@ -116,6 +120,31 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
     let mut enc = BatchEncoder::default();
     let mut failed: Option<anyhow::Error> = None;
     loop {
+        // While QEMU is quiet (and always while it waits before the switchover), disk records.
+        while let Some(rx) = &disk {
+            if more_within(&qemu, 5) {
+                break;
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(PumpInput::Records(records)) => {
+                        if !enc.is_empty() {
+                            let (b, len) = enc.take();
+                            send(b, len)?;
+                        }
+                        send(records, 0)?;
+                    }
+                    Ok(PumpInput::Flush(done)) => {
+                        let _ = done.send(());
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        disk = None;
+                        break;
+                    }
+                }
+            }
+        }
         let n = match qemu.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -332,10 +361,18 @@ async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: Migra
 pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
-    if !spec.disks.is_empty() {
-        bail!("VM {} has local disks; moving disks live is not implemented yet — nothing was changed", req.vm);
-    }
     let counter = Arc::new(WireCounter::default());
+    // Disks first: their bulk goes through the transfer engine while the VM runs on, and the
+    // destination's QEMU can only start once its copies exist.
+    let mut disks = None;
+    if !spec.disks.is_empty() {
+        let mut mv = DiskMove::begin(ctx, &spec).await?;
+        if let Err(e) = mv.bulk(ctx, &req.to, &events).await {
+            mv.end_with(ctx).await;
+            return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm)));
+        }
+        disks = Some(mv);
+    }
     let spec_json = Bytes::from(serde_json::to_vec(&spec)?);
     // Nothing has happened to the VM before the destination is ready, so setting up may be
     // tried again (connections kept warm across a link flap can turn out dead).
@@ -349,7 +386,12 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
                 tracing::warn!(to = %req.to, "setting up the migration failed, trying again: {e:#}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm))),
+            Err(e) => {
+                if let Some(mv) = &disks {
+                    mv.end_with(ctx).await;
+                }
+                return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm)));
+            }
         }
     };
     let connections = conns.len();
@@ -357,7 +399,8 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
 
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
-    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}]})).await?;
+    // With disks, QEMU waits before the switchover for the last dirty blocks to be on their way.
+    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": disks.is_some()}]})).await?;
     let downtime_limit = downtime_limit_ms(req.downtime_ms, rtt);
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
     // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
@@ -375,12 +418,15 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     }
     drop(qmp);
     let st = Arc::new(PumpState::default());
-    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started).await;
+    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut()).await;
     match outcome {
         Ok(()) => {}
         Err(e) => {
             let _ = qemu.shutdown(std::net::Shutdown::Both);
             let state = recover_source(ctx, &req, migration).await;
+            if let Some(mv) = &disks {
+                mv.end_with(ctx).await;
+            }
             doubt::clear(&dir);
             return Err(e.context(format!("migration of {} to {} failed; {state}", req.vm, req.to)));
         }
@@ -434,6 +480,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         literal_bytes: st.literal_bytes.load(Relaxed),
         opaque,
         encrypted: !ctx.cfg.insecure_plaintext,
+        disks: disks.map(|d| d.summary),
     })
 }
 
@@ -452,6 +499,7 @@ async fn relay(
     events: &mpsc::UnboundedSender<Event>,
     counter: &Arc<WireCounter>,
     started: Instant,
+    disks: Option<&mut DiskMove>,
 ) -> Result<()> {
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(RAW_QUEUE);
     let (send_tx, send_rx) = mpsc::channel::<Message>(SEND_QUEUE);
@@ -475,7 +523,20 @@ async fn relay(
     let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held };
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
     let pump_window = window.clone();
-    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st));
+    let (disk_tx, disk_rx) = std::sync::mpsc::channel();
+    let disk_rx = disks.is_some().then_some(disk_rx);
+    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st, disk_rx));
+    // Polled beside the loop below, never as one of its branches: a branch's body that waits
+    // for the VM's QMP would wait forever for a follower holding it, which only the loop polls.
+    let follow = async move {
+        match disks {
+            Some(d) => match d.follow(ctx, disk_tx).await {
+                Ok(()) => std::future::pending().await,
+                Err(e) => Err(e.context("keeping the destination's disks up to date")),
+            },
+            None => std::future::pending().await,
+        }
+    };
     let mut rp_sock = qemu;
     let die_at_shut = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "source-dies-at-shut");
     std::thread::spawn(move || {
@@ -496,7 +557,7 @@ async fn relay(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut limit = downtime_limit_ms(req.downtime_ms, rtt);
     let mut raised_at = Instant::now();
-    let result = loop {
+    let relay_loop = async { loop {
         tokio::select! {
             ev = dest_rx.recv() => match ev {
                 Some(FromDest::Outcome { running: true, .. }) => break Ok(()),
@@ -537,6 +598,10 @@ async fn relay(
                 });
             }
         }
+    } };
+    let result = tokio::select! {
+        r = relay_loop => r,
+        r = follow => r,
     };
     tasks.abort_all();
     window.close();

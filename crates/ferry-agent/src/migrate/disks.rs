@@ -1,0 +1,338 @@
+//! A VM's local disks move with it, live. Sites share no storage, so:
+//!
+//! 1. the source QEMU starts a dirty bitmap on every disk (64 KiB granularity, the transfer
+//!    engine's block);
+//! 2. the transfer engine sends each disk as it is (a live source: a block that changes under
+//!    it goes as it is when read) to `vms/<vm>/<file>` at the destination, where an older copy,
+//!    a named base, or any chunk the destination holds means less to send;
+//! 3. while RAM migrates, the blocks the guest dirtied are read through QEMU's NBD export of a
+//!    frozen bitmap (a new one records meanwhile) and travel as disk records inside the
+//!    migration stream's batches, which the destination writes to its copy in place;
+//! 4. QEMU pauses before switchover (`pause-before-switchover`): the last dirtied blocks go,
+//!    then QEMU continues. The stream is ordered, so the destination's disk is complete before
+//!    its QEMU gets the device state and runs.
+//!
+//! The source's disk is only ever read: whatever fails, the VM runs on there, intact.
+use super::batch::{BatchEncoder, DiskWrite};
+use super::source::SourceContext;
+use crate::control::{self, Event, SendRequest};
+use crate::nbd::NbdClient;
+use crate::vm::{DiskSpec, VmSpec};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The dirty bitmap's granularity: the transfer engine's block.
+const GRANULARITY: u64 = 64 << 10;
+/// Dirty blocks are collected this often while RAM migrates: what is left for the pause is
+/// what the guest writes in about this long.
+const ROUND_EVERY: Duration = Duration::from_millis(200);
+/// Disk bytes per batch of records.
+const RECORDS_PER_BATCH: usize = 1 << 20;
+const READ_PIECE: u64 = 1 << 20;
+
+/// Where a moving VM's disk lives at a site, under its data directory.
+pub fn object_name(vm: &str, disk: &DiskSpec) -> String {
+    let file = disk.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into());
+    format!("vms/{vm}/{file}")
+}
+
+/// The destination's view of the spec: each disk at its place under this site's data dir.
+pub fn arrive(spec: &mut VmSpec, data_dir: &Path) {
+    let vm = spec.name.clone();
+    for d in &mut spec.disks {
+        d.path = data_dir.join(object_name(&vm, d));
+    }
+}
+
+/// What the batches hand the pump besides QEMU's stream.
+pub enum PumpInput {
+    Records(Vec<u8>),
+    /// Answered once everything handed over before it is queued ahead of any later stream byte.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DiskSummary {
+    pub disks: usize,
+    /// The disks' size, what the bulk pass sent (payload) and how long it took.
+    pub bytes: u64,
+    pub bulk_sent: u64,
+    pub bulk_reused: u64,
+    pub bulk_seconds: f64,
+    /// Dirty bytes sent while RAM migrated, in how many rounds, and in the pause.
+    pub dirty_bytes: u64,
+    pub rounds: u32,
+    pub final_bytes: u64,
+    /// How long the VM stood paused for the last dirty blocks.
+    pub final_ms: f64,
+}
+
+/// A disk the source is moving.
+#[derive(Clone)]
+struct Moving {
+    index: u8,
+    path: PathBuf,
+    node: String,
+    object: String,
+    base: Option<String>,
+}
+
+pub struct DiskMove {
+    vm: String,
+    disks: Vec<Moving>,
+    nbd_socket: PathBuf,
+    generation: u32,
+    pub summary: DiskSummary,
+}
+
+fn bitmap(generation: u32) -> String {
+    format!("ferry-{generation}")
+}
+
+impl DiskMove {
+    /// Starts dirty tracking and QEMU's NBD server; nothing else changes for the VM.
+    pub async fn begin(ctx: &SourceContext<'_>, spec: &VmSpec) -> Result<DiskMove> {
+        if spec.disks.len() > u8::MAX as usize {
+            bail!("VM {} has more disks than ferry moves", spec.name);
+        }
+        for d in &spec.disks {
+            if d.format != "raw" {
+                bail!("VM {}: disk {} is {}; ferry moves raw disks live (qcow2 is not done yet) — nothing was changed", spec.name, d.path.display(), d.format);
+            }
+        }
+        let mut qmp = ctx.vms.qmp(&spec.name).await?;
+        let blocks = qmp.execute("query-block", json!({})).await?;
+        let mut disks = Vec::new();
+        for (i, d) in spec.disks.iter().enumerate() {
+            let device = format!("disk{i}");
+            let node = blocks.as_array().into_iter().flatten().find(|b| b["device"] == device.as_str()).and_then(|b| b["inserted"]["node-name"].as_str()).with_context(|| format!("QEMU has no block device {device}"))?;
+            disks.push(Moving { index: i as u8, path: d.path.clone(), node: node.to_string(), object: object_name(&spec.name, d), base: d.base.clone() });
+        }
+        let nbd_socket = ctx.vms.dir(&spec.name).join("nbd.sock");
+        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() } };
+        // Left over from an attempt whose agent died: start clean.
+        mv.end(&mut qmp).await;
+        let actions: Vec<_> = mv.disks.iter().map(|d| json!({"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": bitmap(0), "granularity": GRANULARITY}})).collect();
+        qmp.execute("transaction", json!({ "actions": actions })).await.context("starting dirty tracking on the VM's disks")?;
+        let _ = std::fs::remove_file(&mv.nbd_socket);
+        if let Err(e) = qmp.execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": mv.nbd_socket}}})).await {
+            mv.end(&mut qmp).await;
+            return Err(e.context("starting the source QEMU's NBD server"));
+        }
+        Ok(mv)
+    }
+
+    /// Removes what `begin` and the rounds left in QEMU (best effort: a QEMU about to be killed
+    /// need not answer).
+    pub async fn end(&self, qmp: &mut crate::vm::QmpGuard) {
+        for g in 0..=self.generation {
+            for d in &self.disks {
+                let _ = qmp.execute("block-export-del", json!({"id": export_id(d.index, g), "mode": "hard"})).await;
+            }
+        }
+        let _ = qmp.execute("nbd-server-stop", json!({})).await;
+        for g in 0..=self.generation {
+            for d in &self.disks {
+                let _ = qmp.execute("block-dirty-bitmap-remove", json!({"node": d.node, "name": bitmap(g)})).await;
+            }
+        }
+    }
+
+    pub async fn end_with(&self, ctx: &SourceContext<'_>) {
+        if let Ok(mut qmp) = ctx.vms.qmp(&self.vm).await {
+            self.end(&mut qmp).await;
+        }
+    }
+
+    /// The bulk pass: every disk through the transfer engine, as it is now.
+    pub async fn bulk(&mut self, ctx: &SourceContext<'_>, to: &str, events: &mpsc::UnboundedSender<Event>) -> Result<()> {
+        let started = Instant::now();
+        for d in &self.disks {
+            let req = SendRequest { source: d.path.clone(), to: to.to_string(), dest_path: d.object.clone(), base: d.base.clone(), block: GRANULARITY as u32, cdc: false, zstd_level: 1, retries: 2, live: true };
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let forward = {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    while let Some(ev) = rx.recv().await {
+                        if let Event::Progress { progress, wire_sent, seconds } = ev {
+                            let remaining = progress.scanned.saturating_sub(progress.acked);
+                            let _ = events.send(Event::MigrateProgress { status: "disk".into(), stream_bytes: progress.acked, remaining, wire_sent, seconds });
+                        }
+                    }
+                })
+            };
+            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, req, tx).await;
+            forward.abort();
+            let sent = sent.with_context(|| format!("sending disk {} to {to}", d.path.display()))?;
+            self.summary.bytes += sent.size;
+            self.summary.bulk_sent += sent.progress.sent_payload;
+            self.summary.bulk_reused += sent.progress.reused;
+        }
+        self.summary.bulk_seconds = started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Keeps the destination's disks following the source's until QEMU pauses before the
+    /// switchover; then sends the rest and lets QEMU go on. Returns when QEMU continued (or the
+    /// migration ended some other way, which the caller learns from QEMU).
+    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::Sender<PumpInput>) -> Result<()> {
+        let mut last = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let status = ctx.vms.qmp(&self.vm).await?.migration().await?["status"].as_str().unwrap_or("").to_string();
+            match status.as_str() {
+                "pre-switchover" => {
+                    let paused = Instant::now();
+                    let bytes = self.round(ctx, &pump, true).await?;
+                    let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                    pump.send(PumpInput::Flush(ack_tx)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
+                    tokio::task::spawn_blocking(move || ack_rx.recv_timeout(Duration::from_secs(30))).await?.context("the stream pump did not take the last disk blocks")?;
+                    ctx.vms.qmp(&self.vm).await?.execute("migrate-continue", json!({"state": "pre-switchover"})).await?;
+                    self.summary.final_bytes = bytes;
+                    self.summary.final_ms = paused.elapsed().as_secs_f64() * 1e3;
+                    return Ok(());
+                }
+                "completed" => bail!("QEMU switched over without pausing for the disks"),
+                "failed" | "cancelled" => return Ok(()),
+                _ if last.elapsed() >= ROUND_EVERY => {
+                    self.summary.dirty_bytes += self.round(ctx, &pump, false).await?;
+                    self.summary.rounds += 1;
+                    last = Instant::now();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Freezes the current bitmap (a fresh one records from the same instant, unless this is the
+    /// last round and the VM stands still), and sends the blocks it marks as they are now.
+    async fn round(&mut self, ctx: &SourceContext<'_>, pump: &std::sync::mpsc::Sender<PumpInput>, last: bool) -> Result<u64> {
+        let g = self.generation;
+        {
+            let mut qmp = ctx.vms.qmp(&self.vm).await?;
+            let mut actions = Vec::new();
+            for d in &self.disks {
+                if !last {
+                    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": bitmap(g + 1), "granularity": GRANULARITY}}));
+                }
+                actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": bitmap(g)}}));
+            }
+            qmp.execute("transaction", json!({ "actions": actions })).await.context("freezing the disks' dirty bitmaps")?;
+            if !last {
+                self.generation += 1;
+            }
+            for d in &self.disks {
+                qmp.execute("block-export-add", json!({"type": "nbd", "id": export_id(d.index, g), "node-name": d.node, "name": export_id(d.index, g), "writable": false, "bitmaps": [bitmap(g)]})).await.context("exporting a disk's dirty blocks")?;
+            }
+        }
+        let (disks, socket, pump) = (self.disks.clone(), self.nbd_socket.clone(), pump.clone());
+        let sent = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut total = 0;
+            for d in &disks {
+                total += send_dirty(&socket, d.index, &export_id(d.index, g), &bitmap(g), &pump)?;
+            }
+            Ok(total)
+        })
+        .await??;
+        let mut qmp = ctx.vms.qmp(&self.vm).await?;
+        for d in &self.disks {
+            let _ = qmp.execute("block-export-del", json!({"id": export_id(d.index, g)})).await;
+        }
+        Ok(sent)
+    }
+}
+
+fn export_id(disk: u8, generation: u32) -> String {
+    format!("ferry-d{disk}-{generation}")
+}
+
+/// Reads the ranges a frozen bitmap marks and hands them to the pump as disk records.
+fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::sync::mpsc::Sender<PumpInput>) -> Result<u64> {
+    let context = format!("qemu:dirty-bitmap:{bitmap}");
+    let mut nbd = NbdClient::connect(socket, export, &[&context])?;
+    let ranges = nbd.dirty_ranges(&context)?;
+    let mut enc = BatchEncoder::default();
+    let mut buf = vec![0u8; READ_PIECE as usize];
+    let mut total = 0;
+    for (start, len) in ranges {
+        let mut at = start;
+        while at < start + len {
+            let n = READ_PIECE.min(start + len - at) as usize;
+            nbd.read(at, &mut buf[..n])?;
+            enc.disk(disk, at, &buf[..n]);
+            total += n as u64;
+            at += n as u64;
+            if enc.encoded_len() >= RECORDS_PER_BATCH {
+                pump.send(PumpInput::Records(enc.take().0)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
+            }
+        }
+    }
+    if !enc.is_empty() {
+        pump.send(PumpInput::Records(enc.take().0)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
+    }
+    nbd.disconnect();
+    Ok(total)
+}
+
+/// The destination's side: disk records written into its copies, in place, while its QEMU
+/// waits (it reads its disks only once it runs).
+pub struct DiskWriter {
+    files: Vec<File>,
+    paths: Vec<PathBuf>,
+}
+
+impl DiskWriter {
+    pub fn open(spec: &VmSpec) -> Result<DiskWriter> {
+        let mut files = Vec::new();
+        for d in &spec.disks {
+            files.push(std::fs::OpenOptions::new().write(true).open(&d.path).with_context(|| format!("opening {} to follow the source's writes", d.path.display()))?);
+        }
+        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect() })
+    }
+
+    pub fn apply(&self, w: DiskWrite<'_>) -> Result<()> {
+        let (disk, offset, len) = match w {
+            DiskWrite::Data { disk, offset, data } => (disk, offset, data.len() as u64),
+            DiskWrite::Zero { disk, offset, len } => (disk, offset, len as u64),
+        };
+        let file = self.files.get(disk as usize).with_context(|| format!("a record for disk {disk}, which the VM does not have"))?;
+        let size = file.metadata()?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            bail!("a record for {}+{len} lies outside disk {disk} ({size} bytes)", offset);
+        }
+        let path = &self.paths[disk as usize];
+        match w {
+            DiskWrite::Data { data, .. } => file.write_all_at(data, offset).map_err(|e| write_error(e, path)),
+            DiskWrite::Zero { .. } => {
+                // Stays sparse: the range is released, and reads as zeros.
+                let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64) };
+                if r != 0 {
+                    return Err(write_error(std::io::Error::last_os_error(), path));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        for (f, p) in self.files.iter().zip(&self.paths) {
+            f.sync_data().map_err(|e| write_error(e, p))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_error(e: std::io::Error, path: &Path) -> anyhow::Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        anyhow::anyhow!("the destination disk is full while following the source's writes to {}", path.display())
+    } else {
+        anyhow::Error::new(e).context(format!("writing {}", path.display()))
+    }
+}

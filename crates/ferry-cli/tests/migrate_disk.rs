@@ -1,0 +1,226 @@
+//! A running TCG guest that writes to its local disk moves between lab sites with the disk:
+//! the destination held an older copy, so the bulk pass sends only what differs; the guest's
+//! writes during the move follow in the migration stream; at switchover the destination's disk
+//! holds every record the source's held (checked record by record, the rest byte by byte).
+mod common;
+use common::*;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const DISK: u64 = 256 << 20;
+const DATA: u64 = 64 << 20;
+/// Where the guest's writer keeps its ring of records, clear of the data above.
+const RING_AT: u64 = 128 << 20;
+const RING: u64 = 32 << 20;
+
+/// A disk of `data` MiB of incompressible data and sparse space; `changed` MiB in 16 rewritten.
+fn write_disk(path: &Path, data: u64, changed: u64) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(DISK).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for mib in 0..data {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        if mib % 16 < changed {
+            buf[..8].copy_from_slice(b"CHANGED!");
+            buf[8..16].copy_from_slice(&mib.to_le_bytes());
+        }
+        f.write_all_at(&buf, mib << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn write_spec(dir: &Path, disk: &Path, memory: &str) -> PathBuf {
+    let image = ferry_lab::guest_image::build_guest_image(Path::new(ferry_lab::guest_image::DEFAULT_CACHE)).unwrap();
+    let spec = format!(
+        "name = \"g1\"\nmemory_mib = 256\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\nappend = \"console=ttyS0 quiet panic=-1 ferry.ip=198.19.1.10/24 ferry.gw=198.19.1.1 {memory} ferry.disk=/dev/vda ferry.disk_rate=1M ferry.disk_offset={RING_AT} ferry.disk_span={RING}\"\n[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:12:01:0a\"\n[[disks]]\npath = \"{}\"\n",
+        image.kernel.display(),
+        image.initrd.display(),
+        disk.display()
+    );
+    let path = dir.join("g1.toml");
+    std::fs::File::create(&path).unwrap().write_all(spec.as_bytes()).unwrap();
+    path
+}
+
+fn vm(sites: &Sites, site: &str, args: &[&str]) -> std::process::Output {
+    let data = sites.data(site);
+    ferry().arg("vm").args(args).args(["--data", data.to_str().unwrap()]).output().unwrap()
+}
+
+fn vm_ok(sites: &Sites, site: &str, args: &[&str]) -> String {
+    let out = vm(sites, site, args);
+    assert!(out.status.success(), "ferry vm {args:?} at {site}:\n{}\nagent a:\n{}\nagent b:\n{}", text(&out), tail(&sites.agent_log("a")), tail(&sites.agent_log("b")));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+/// The guest's latest count of disk records written, from its console at `site`.
+fn disk_seq(sites: &Sites, site: &str) -> Option<u64> {
+    let console = String::from_utf8_lossy(&vm(sites, site, &["console", "g1", "--lines", "400"]).stdout).into_owned();
+    console.lines().rev().find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("seq=")).filter(|_| l.contains("disk")).and_then(|v| v.parse().ok()))
+}
+
+fn wait_disk_seq_past(sites: &Sites, site: &str, seq: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = disk_seq(sites, site).filter(|s| *s > seq) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the guest at {site} wrote no disk record past {seq}; console:\n{}", String::from_utf8_lossy(&vm(sites, site, &["console", "g1"]).stdout));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn hash_range(path: &Path, start: u64, end: u64) -> String {
+    let f = std::fs::File::open(path).unwrap();
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let n = (end - at).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], at).unwrap();
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn qemu_copies(sites: &Sites) -> usize {
+    let pattern = format!("qemu-system-x86_64 -name g1 .*{}", sites.root.display());
+    let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
+    let _serial = serial();
+    let sites = Sites::on(Lab::up("tdsk", &["--rtt", "40ms"]));
+    // The VM lives in a's data dir; b holds an older copy of its disk (4 MiB in 64 differ).
+    let disk_a = sites.data("a").join("vms/g1/disk.raw");
+    let disk_b = sites.data("b").join("vms/g1/disk.raw");
+    write_disk(&disk_a, DATA >> 20, 2);
+    write_disk(&disk_b, DATA >> 20, 1);
+    let spec = write_spec(&sites.root, &disk_a, "ferry.mem=64M ferry.dirty=1M");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    let before = wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));
+
+    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json"]);
+    let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("a→b: {moved}");
+    assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
+    let d = &moved["disks"];
+    let n = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("{k} in {d}"));
+    assert_eq!(n("bytes"), DISK);
+    // The old copy counted: of 64 MiB of data, the 4 MiB that differ (plus the ring) travel.
+    assert!(n("bulk_reused") >= 56 << 20, "{d}");
+    assert!(n("bulk_sent") < 24 << 20, "{d}");
+    assert!(n("rounds") >= 1, "{d}");
+
+    // The guest goes on writing at b; then it stops, so that its disk can be read whole.
+    let at_b = wait_disk_seq_past(&sites, "b", before + 2, Duration::from_secs(20));
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
+    assert_eq!(qemu_copies(&sites), 0);
+    // a's disk is as the source left it at switchover (the VM stood still, then was killed);
+    // b's has every record a's had, and what the guest wrote since.
+    let check = ferry_lab::disk_records::check_moved(&disk_a, &disk_b, RING_AT, RING).unwrap_or_else(|e| panic!("{e:#}\nagent b:\n{}", tail(&sites.agent_log("b"))));
+    println!("records: {check}");
+    assert!(check.compared_any() && check.source_max_seq >= before && check.dest_max_seq >= at_b && check.dest_max_seq > check.source_max_seq, "{check}");
+    assert_eq!(hash_range(&disk_a, 0, RING_AT), hash_range(&disk_b, 0, RING_AT), "the disk outside the guest's ring differs");
+    assert_eq!(hash_range(&disk_a, RING_AT + RING, DISK), hash_range(&disk_b, RING_AT + RING, DISK));
+    // Sparse stays sparse: b's copy allocates about what a's does, not the whole disk.
+    let allocated = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
+    assert!(allocated(&disk_b) < DISK / 2, "b allocated {} of {DISK} bytes", allocated(&disk_b));
+}
+
+fn vms(sites: &Sites, site: &str) -> Vec<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(&vm_ok(sites, site, &["list", "--json"])).unwrap();
+    v.as_array().unwrap().iter().map(|x| (x["name"].as_str().unwrap().to_string(), x["state"].as_str().unwrap().to_string())).collect()
+}
+
+/// The move failed clearly, and the guest runs on at a, still writing its disk.
+fn assert_source_runs_on(sites: &Sites, out: std::process::Output, why: &str, expect_in_error: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{why}: the migration should fail:\n{}", text(&out));
+    assert!(err.contains("keeps running here") && err.contains(expect_in_error), "{why}: {err}");
+    assert_eq!(vms(sites, "a"), vec![("g1".to_string(), "running".to_string())], "{why}");
+    let seq = disk_seq(sites, "a").unwrap();
+    wait_disk_seq_past(sites, "a", seq + 1, Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while qemu_copies(sites) != 1 {
+        assert!(Instant::now() < deadline, "{why}: {} QEMUs run g1", qemu_copies(sites));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_disk() {
+    let _serial = serial();
+    let mut sites = Sites::on(Lab::up("tdskf", &["--no-client", "--rtt", "20ms", "--rate", "100mbit"]));
+    let disk_a = sites.data("a").join("vms/g1/disk.raw");
+    let disk_b = sites.data("b").join("vms/g1/disk.raw");
+    write_disk(&disk_a, 16, 0);
+    // Mostly random memory on a slower link: the live phase lasts long enough to be cut.
+    let spec = write_spec(&sites.root, &disk_a, "ferry.mem=128M ferry.dirty=1M ferry.mix=random:90,zero:10");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));
+
+    // b's disk has room for less than the VM's disk holds. (Its agent restarts around the
+    // mount: it runs in a mount namespace of its own, copied when it starts.)
+    let pki = sites.root.join("pki");
+    let vms_b = sites.data("b").join("vms");
+    std::fs::create_dir_all(&vms_b).unwrap();
+    sites.kill_agent("b");
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&vms_b).status().unwrap();
+    assert!(mounted.success());
+    sites.start_agent("b", &pki);
+    std::thread::sleep(Duration::from_secs(3));
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b"]);
+    sites.kill_agent("b");
+    let _ = std::process::Command::new("umount").arg(&vms_b).status();
+    sites.start_agent("b", &pki);
+    assert_source_runs_on(&sites, out, "destination disk full", "full");
+    assert!(vms(&sites, "b").is_empty());
+
+    // The link goes down while RAM and the guest's writes are on their way.
+    let data = sites.data("a");
+    let child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vms(&sites, "b").first().is_none_or(|(_, state)| state != "inmigrate") {
+        assert!(Instant::now() < deadline, "b never started receiving:\n{}", tail(&sites.agent_log("a")));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    sites.lab.ferry(&["link", "a-b", "down"]);
+    assert_source_runs_on(&sites, child.wait_with_output().unwrap(), "cut link", "");
+    // What b kept is no VM of its own: it runs nothing, and its copy only serves the next try.
+    assert!(vms(&sites, "b").is_empty());
+    sites.lab.ferry(&["link", "a-b", "up"]);
+
+    // Healed, the move goes through; the disk b kept from the cut attempt is mostly reused.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json"]);
+    let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("after the cut: {moved}");
+    assert!(moved["disks"]["bulk_reused"].as_u64().unwrap() >= 12 << 20, "{moved}");
+    let seq = disk_seq(&sites, "b").unwrap_or(0);
+    wait_disk_seq_past(&sites, "b", seq + 1, Duration::from_secs(20));
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
+    let check = ferry_lab::disk_records::check_moved(&disk_a, &disk_b, RING_AT, RING).unwrap_or_else(|e| panic!("{e:#}"));
+    println!("records: {check}");
+    assert!(check.compared_any() && check.dest_max_seq > check.source_max_seq, "{check}");
+    assert_eq!(hash_range(&disk_a, 0, RING_AT), hash_range(&disk_b, 0, RING_AT));
+}
