@@ -57,6 +57,12 @@ enum VmCommand {
         /// One machine-readable summary instead of progress lines.
         #[arg(long)]
         json: bool,
+        /// Move it stopped: shut the guest down, send its disks, boot it at the destination.
+        #[arg(long)]
+        cold: bool,
+        /// With --cold: how long the guest has to power off before QEMU is quit.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: Duration,
     },
 }
 
@@ -92,8 +98,8 @@ pub fn run(a: VmArgs) -> Result<()> {
             }
             other => unexpected(other),
         },
-        VmCommand::Migrate { name, to, downtime, json } => {
-            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32 });
+        VmCommand::Migrate { name, to, downtime, json, cold, grace } => {
+            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32 });
             let mut on = |ev: &Event| {
                 if json {
                     return;
@@ -126,10 +132,13 @@ fn mb(b: u64) -> f64 {
 }
 
 fn print_summary(s: &MigrateSummary) {
-    println!("VM {} now runs at {} · {:.2} s · RTT {:.1} ms · {} connections{}", s.vm, s.to, s.seconds, s.rtt_ms, s.connections, if s.encrypted { " · mutual TLS" } else { " · UNENCRYPTED" });
-    let downtime = s.qemu_downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms"));
-    println!("  QEMU's stream {:.1} MB → on the wire {:.1} MB ({:.1} %) · QEMU downtime {downtime}", mb(s.stream_bytes), mb(s.wire_sent), 100.0 * s.wire_sent as f64 / s.stream_bytes.max(1) as f64);
-    println!("  pages: {} sent, {} by reference, {} zero · {:.1} MB other state", s.pages_sent, s.pages_referenced, s.pages_zero, mb(s.literal_bytes));
+    let security = if s.encrypted { " · mutual TLS" } else { " · UNENCRYPTED" };
+    if s.cold {
+        println!("VM {} was shut down, its disks moved (each verified) and it boots at {} · {:.2} s · RTT {:.1} ms · wire {:.1} MB{security}", s.vm, s.to, s.seconds, s.rtt_ms, mb(s.wire_sent));
+    } else {
+        println!("VM {} now runs at {} · {:.2} s · RTT {:.1} ms · {} connections{security}", s.vm, s.to, s.seconds, s.rtt_ms, s.connections);
+        print_live(s);
+    }
     if let Some(d) = &s.disks {
         println!(
             "  disks: {} · {:.1} MB · bulk {:.2} s, {:.1} MB sent, {:.1} MB reused · {} live rounds, {:.1} MB dirty · last {:.1} MB in {:.0} ms paused",
@@ -144,6 +153,12 @@ fn print_summary(s: &MigrateSummary) {
             d.final_ms
         );
     }
+}
+
+fn print_live(s: &MigrateSummary) {
+    let downtime = s.qemu_downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms"));
+    println!("  QEMU's stream {:.1} MB → on the wire {:.1} MB ({:.1} %) · QEMU downtime {downtime}", mb(s.stream_bytes), mb(s.wire_sent), 100.0 * s.wire_sent as f64 / s.stream_bytes.max(1) as f64);
+    println!("  pages: {} sent, {} by reference, {} zero · {:.1} MB other state", s.pages_sent, s.pages_referenced, s.pages_zero, mb(s.literal_bytes));
     if let Some(o) = &s.opaque {
         println!("  part of the stream was carried opaque: {o}");
     }

@@ -40,9 +40,13 @@ fn write_disk(path: &Path, data: u64, changed: u64) {
 }
 
 fn write_spec(dir: &Path, disk: &Path, memory: &str) -> PathBuf {
+    write_spec_ring(dir, disk, memory, RING_AT)
+}
+
+fn write_spec_ring(dir: &Path, disk: &Path, memory: &str, ring_at: u64) -> PathBuf {
     let image = ferry_lab::guest_image::build_guest_image(Path::new(ferry_lab::guest_image::DEFAULT_CACHE)).unwrap();
     let spec = format!(
-        "name = \"g1\"\nmemory_mib = 256\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\nappend = \"console=ttyS0 quiet panic=-1 ferry.ip=198.19.1.10/24 ferry.gw=198.19.1.1 {memory} ferry.disk=/dev/vda ferry.disk_rate=1M ferry.disk_offset={RING_AT} ferry.disk_span={RING}\"\n[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:12:01:0a\"\n[[disks]]\npath = \"{}\"\n",
+        "name = \"g1\"\nmemory_mib = 256\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\nappend = \"console=ttyS0 quiet panic=-1 ferry.ip=198.19.1.10/24 ferry.gw=198.19.1.1 {memory} ferry.disk=/dev/vda ferry.disk_rate=1M ferry.disk_offset={ring_at} ferry.disk_span={RING}\"\n[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:12:01:0a\"\n[[disks]]\npath = \"{}\"\n",
         image.kernel.display(),
         image.initrd.display(),
         disk.display()
@@ -144,6 +148,29 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     // Sparse stays sparse: b's copy allocates about what a's does, not the whole disk.
     let allocated = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
     assert!(allocated(&disk_b) < DISK / 2, "b allocated {} of {DISK} bytes", allocated(&disk_b));
+
+    // Back to a cold: the guest (writing a fresh ring now) shuts down, its disk goes, mostly
+    // found in the copy a kept, and it boots at a.
+    let ring2 = RING_AT + RING;
+    let spec_b = write_spec_ring(&sites.root, &disk_b, "ferry.mem=64M ferry.dirty=1M", ring2);
+    vm_ok(&sites, "b", &["start", spec_b.to_str().unwrap()]);
+    let written = wait_disk_seq_past(&sites, "b", 3, Duration::from_secs(90));
+    let out = vm_ok(&sites, "b", &["migrate", "g1", "--to", "a", "--cold", "--grace", "1s", "--json"]);
+    let cold: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("b→a cold: {cold}");
+    assert!(cold["cold"].as_bool().unwrap(), "{cold}");
+    assert!(vms(&sites, "b").is_empty());
+    assert_eq!(vms(&sites, "a"), vec![("g1".to_string(), "running".to_string())]);
+    assert!(cold["disks"]["bulk_reused"].as_u64().unwrap() >= 60 << 20, "{cold}");
+    assert!(cold["disks"]["bulk_sent"].as_u64().unwrap() < 8 << 20, "{cold}");
+    let booted = disk_seq(&sites, "a").unwrap_or(0);
+    wait_disk_seq_past(&sites, "a", booted.max(1), Duration::from_secs(60));
+    vm_ok(&sites, "a", &["stop", "g1", "--force"]);
+    // b's disk is as the guest left it when it shut down; a's holds all of it, and what the
+    // guest wrote after it booted there (its writer starts its ring afresh: compare the rest).
+    assert!(written >= 3);
+    assert_eq!(hash_range(&disk_b, 0, ring2), hash_range(&disk_a, 0, ring2));
+    assert_eq!(hash_range(&disk_b, ring2 + RING, DISK), hash_range(&disk_a, ring2 + RING, DISK));
 }
 
 fn vms(sites: &Sites, site: &str) -> Vec<(String, String)> {

@@ -119,6 +119,14 @@ impl DiskMove {
         let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() } };
         // Left over from an attempt whose agent died: start clean.
         mv.end(&mut qmp).await;
+        for b in blocks.as_array().into_iter().flatten() {
+            let Some(node) = b["inserted"]["node-name"].as_str() else { continue };
+            for name in b["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()) {
+                if name.starts_with("ferry-") {
+                    let _ = qmp.execute("block-dirty-bitmap-remove", json!({"node": node, "name": name})).await;
+                }
+            }
+        }
         let actions: Vec<_> = mv.disks.iter().map(|d| json!({"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": bitmap(0), "granularity": GRANULARITY}})).collect();
         qmp.execute("transaction", json!({ "actions": actions })).await.context("starting dirty tracking on the VM's disks")?;
         let _ = std::fs::remove_file(&mv.nbd_socket);

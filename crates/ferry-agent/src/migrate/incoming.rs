@@ -7,7 +7,7 @@ use super::batch::{decode, DecodeStats};
 use super::disks::DiskWriter;
 use super::page_id;
 use crate::pages::{PageId, PageStore};
-use crate::vm::{process_alive, VmSpec, Vms};
+use crate::vm::{process_alive, Vms};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use ferry_proto::{Encoding, Message, MigrationId, MAX_CHUNK_LEN};
@@ -287,7 +287,7 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
 /// stream and read the return path. Returns the page-ID prefixes this site holds.
 async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) -> Result<Bytes> {
-    let mut spec: VmSpec = serde_json::from_slice(spec).context("the VM's spec")?;
+    let super::Arrival { mut spec, cold } = serde_json::from_slice(spec).context("the VM's spec")?;
     // Its disks are here already (the bulk pass went first), under this site's data dir.
     super::disks::arrive(&mut spec, shared.vms.data_dir());
     if spec.name != inc.vm {
@@ -300,6 +300,12 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     }
     if shared.vms.pid(&spec.name).is_some_and(process_alive) {
         bail!("a VM named {:?} already runs on this site", spec.name);
+    }
+    if cold {
+        // Its disks arrived whole and verified: it boots, and that is the whole move.
+        shared.vms.start(&spec, false).await?;
+        inc.finish(true, String::new());
+        return Ok(Bytes::new());
     }
     shared.vms.start(&spec, true).await?;
     let setup = async {

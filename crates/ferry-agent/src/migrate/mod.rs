@@ -4,6 +4,7 @@
 //! waits with `-incoming`. QEMU's return path is relayed back, so the source QEMU completes only
 //! once the destination has loaded everything and runs.
 pub mod batch;
+pub mod cold;
 pub mod disks;
 pub mod doubt;
 pub mod incoming;
@@ -25,6 +26,21 @@ pub struct MigrateRequest {
     /// The longest pause the operator accepts; QEMU's `downtime-limit` is derived from it and
     /// the measured RTT.
     pub downtime_ms: u32,
+    /// Shut the guest down, move its disks, boot it at the destination (see `cold.rs`).
+    #[serde(default)]
+    pub cold: bool,
+    /// How long a cold move waits for the guest to power off before QEMU is quit.
+    #[serde(default)]
+    pub grace_ms: u32,
+}
+
+/// What MIGRATE_OPEN carries: the VM's spec, and whether the destination boots it (a cold
+/// move) or waits for its live state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Arrival {
+    pub spec: crate::vm::VmSpec,
+    #[serde(default)]
+    pub cold: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -52,4 +68,6 @@ pub struct MigrateSummary {
     /// How the VM's local disks moved, if it has any.
     #[serde(default)]
     pub disks: Option<disks::DiskSummary>,
+    #[serde(default)]
+    pub cold: bool,
 }

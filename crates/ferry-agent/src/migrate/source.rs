@@ -336,7 +336,7 @@ const CONVERGE_AFTER: Duration = Duration::from_secs(20);
 const MAX_DOWNTIME_LIMIT_MS: u64 = 2000;
 
 /// Opens the session and has the destination start the VM's QEMU waiting for the stream.
-async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, spec_json: &Bytes, counter: &Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, HashSet<u64>)> {
+pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, spec_json: &Bytes, counter: &Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, HashSet<u64>)> {
     let (mut conns, rtt) = session::open(ctx.cfg, ctx.identity, ctx.warm, &req.to, counter.clone()).await?;
     for c in conns.iter_mut() {
         c.send(Message::MigrateOpen { migration, vm: req.vm.clone(), spec: spec_json.clone() }).await?;
@@ -359,6 +359,9 @@ async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: Migra
 }
 
 pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
+    if req.cold {
+        return super::cold::move_cold(ctx, req, events).await;
+    }
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
     let counter = Arc::new(WireCounter::default());
@@ -373,7 +376,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         }
         disks = Some(mv);
     }
-    let spec_json = Bytes::from(serde_json::to_vec(&spec)?);
+    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false })?);
     // Nothing has happened to the VM before the destination is ready, so setting up may be
     // tried again (connections kept warm across a link flap can turn out dead).
     let mut attempt = 0;
@@ -481,6 +484,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         opaque,
         encrypted: !ctx.cfg.insecure_plaintext,
         disks: disks.map(|d| d.summary),
+        cold: false,
     })
 }
 
