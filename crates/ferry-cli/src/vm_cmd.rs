@@ -57,6 +57,10 @@ enum VmCommand {
         /// One machine-readable summary instead of progress lines.
         #[arg(long)]
         json: bool,
+        /// Hash every local disk at both sites in the switchover pause; the VM runs at the
+        /// destination only if they are equal (the pause grows by the time to read a disk).
+        #[arg(long)]
+        verify_disks: bool,
         /// Move it stopped: shut the guest down, send its disks, boot it at the destination.
         #[arg(long)]
         cold: bool,
@@ -98,8 +102,8 @@ pub fn run(a: VmArgs) -> Result<()> {
             }
             other => unexpected(other),
         },
-        VmCommand::Migrate { name, to, downtime, json, cold, grace } => {
-            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32 });
+        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks } => {
+            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks });
             let mut on = |ev: &Event| {
                 if json {
                     return;

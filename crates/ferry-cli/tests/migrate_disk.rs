@@ -122,9 +122,11 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     let before = wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));
 
-    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json"]);
+    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json", "--verify-disks"]);
     let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
     println!("a→b: {moved}");
+    assert_eq!(moved["disks"]["verified"], true, "{moved}");
+    assert!(sites.agent_log("b").contains("the disk equals the source's at switchover"));
     assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
     let d = &moved["disks"];
     let n = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("{k} in {d}"));
@@ -237,11 +239,23 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     assert!(vms(&sites, "b").is_empty());
     sites.lab.ferry(&["link", "a-b", "up"]);
 
+    // b writes one of the guest's blocks wrong (fault injection): the digests compared in the
+    // pause differ, and the VM runs on at a.
+    sites.kill_agent("b");
+    sites.start_agent_with("b", &pki, &[("FERRY_FAULT", "disk-record-corrupt")]);
+    std::thread::sleep(Duration::from_secs(3));
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--verify-disks"]);
+    assert_source_runs_on(&sites, out, "a corrupt copy", "differs from the source's at switchover");
+    assert!(vms(&sites, "b").is_empty());
+    sites.kill_agent("b");
+    sites.start_agent("b", &pki);
+
     // Healed, the move goes through; the disk b kept from the cut attempt is mostly reused.
     std::thread::sleep(Duration::from_secs(3));
-    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json"]);
+    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json", "--verify-disks"]);
     let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
     println!("after the cut: {moved}");
+    assert_eq!(moved["disks"]["verified"], true, "{moved}");
     assert!(moved["disks"]["bulk_reused"].as_u64().unwrap() >= 12 << 20, "{moved}");
     let seq = disk_seq(&sites, "b").unwrap_or(0);
     wait_disk_seq_past(&sites, "b", seq + 1, Duration::from_secs(20));

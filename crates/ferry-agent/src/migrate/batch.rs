@@ -15,11 +15,15 @@ const ZERO_PAGE: u8 = 3;
 const DISK_DATA: u8 = 4;
 /// Disk index u8, offset u64, length u32: the range reads as zeros.
 const DISK_ZERO: u8 = 5;
+/// Disk index u8, then the BLAKE3 digest of the whole disk as the source has it at switchover.
+const DISK_DIGEST: u8 = 6;
 
 /// What a disk record asks the destination to do.
 pub enum DiskWrite<'a> {
     Data { disk: u8, offset: u64, data: &'a [u8] },
     Zero { disk: u8, offset: u64, len: u32 },
+    /// Check the whole disk against the source's digest before anything that follows.
+    Digest { disk: u8, digest: [u8; 32] },
 }
 
 /// A batch being built; consecutive literals merge into one record.
@@ -75,6 +79,14 @@ impl BatchEncoder {
         if !zero {
             self.buf.extend_from_slice(data);
         }
+    }
+
+    /// The whole disk's digest, for the destination to check its copy against.
+    pub fn disk_digest(&mut self, disk: u8, digest: &[u8; 32]) {
+        self.literal_len_at = None;
+        self.buf.push(DISK_DIGEST);
+        self.buf.push(disk);
+        self.buf.extend_from_slice(digest);
     }
 
     /// Encoded bytes so far (disk records stand for no stream bytes but still take room).
@@ -175,6 +187,10 @@ pub fn decode(
                 out.resize(out.len() + PAGE, 0);
                 stats.pages_zero += 1;
             }
+            DISK_DIGEST => {
+                let r = take(&mut at, 33)?;
+                disk(DiskWrite::Digest { disk: batch[r.start], digest: batch[r.start + 1..r.end].try_into().unwrap() })?;
+            }
             DISK_DATA | DISK_ZERO => {
                 let head = &batch[take(&mut at, 13)?];
                 let index = head[0];
@@ -264,14 +280,16 @@ mod tests {
         e.disk(1, 1 << 30, &[3u8; 100]);
         e.disk(0, 4096, &[0u8; 65536]);
         e.literal(b"cd");
+        e.disk_digest(2, &[9; 32]);
         let (b, len) = e.take();
         assert_eq!(len, 4);
-        assert_eq!(b.len(), 5 + 2 + (1 + 13 + 100) + (1 + 13) + 5 + 2, "a zero range travels as its length");
+        assert_eq!(b.len(), 5 + 2 + (1 + 13 + 100) + (1 + 13) + 5 + 2 + 34, "a zero range travels as its length");
         let mut writes = Vec::new();
         let mut disk = |w: DiskWrite<'_>| -> Result<()> {
             writes.push(match w {
                 DiskWrite::Data { disk, offset, data } => (disk, offset, data.len() as u32, data[0]),
                 DiskWrite::Zero { disk, offset, len } => (disk, offset, len, 0),
+                DiskWrite::Digest { disk, digest } => (disk, 0, 32, digest[0]),
             });
             Ok(())
         };
@@ -279,7 +297,7 @@ mod tests {
         let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
         decode(&b, &store, "a", |p| *blake3::hash(p).as_bytes(), &mut no_fetch, &mut disk, &mut out, &mut stats).unwrap();
         assert_eq!(out, b"abcd");
-        assert_eq!(writes, vec![(1, 1 << 30, 100, 3), (0, 4096, 65536, 0)]);
+        assert_eq!(writes, vec![(1, 1 << 30, 100, 3), (0, 4096, 65536, 0), (2, 0, 32, 9)]);
         assert_eq!((stats.disk_data, stats.disk_zero), (100, 65536));
         let mut disk = |_: DiskWrite<'_>| -> Result<()> { Ok(()) };
         assert!(decode(&b[..b.len() - 20], &store, "a", |p| *blake3::hash(p).as_bytes(), &mut no_fetch, &mut disk, &mut Vec::new(), &mut stats).is_err());

@@ -72,6 +72,9 @@ pub struct DiskSummary {
     pub final_bytes: u64,
     /// How long the VM stood paused for the last dirty blocks.
     pub final_ms: f64,
+    /// The destination checked every disk against the source's digest at switchover.
+    #[serde(default)]
+    pub verified: bool,
 }
 
 /// A disk the source is moving.
@@ -89,6 +92,8 @@ pub struct DiskMove {
     disks: Vec<Moving>,
     nbd_socket: PathBuf,
     generation: u32,
+    /// Both sides hash every disk in the pause and the destination compares (`--verify-disks`).
+    pub verify: bool,
     pub summary: DiskSummary,
 }
 
@@ -116,7 +121,7 @@ impl DiskMove {
             disks.push(Moving { index: i as u8, path: d.path.clone(), node: node.to_string(), object: object_name(&spec.name, d), base: d.base.clone() });
         }
         let nbd_socket = ctx.vms.dir(&spec.name).join("nbd.sock");
-        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() } };
+        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() } };
         // Left over from an attempt whose agent died: start clean.
         mv.end(&mut qmp).await;
         for b in blocks.as_array().into_iter().flatten() {
@@ -199,6 +204,19 @@ impl DiskMove {
                 "pre-switchover" => {
                     let paused = Instant::now();
                     let bytes = self.round(ctx, &pump, true).await?;
+                    if self.verify {
+                        let disks: Vec<(u8, PathBuf)> = self.disks.iter().map(|d| (d.index, d.path.clone())).collect();
+                        let pump = pump.clone();
+                        tokio::task::spawn_blocking(move || -> Result<()> {
+                            let mut enc = BatchEncoder::default();
+                            for (index, path) in disks {
+                                enc.disk_digest(index, &disk_digest(&File::open(&path)?)?);
+                            }
+                            pump.send(PumpInput::Records(enc.take().0)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))
+                        })
+                        .await??;
+                        self.summary.verified = true;
+                    }
                     let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
                     pump.send(PumpInput::Flush(ack_tx)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
                     tokio::task::spawn_blocking(move || ack_rx.recv_timeout(Duration::from_secs(30))).await?.context("the stream pump did not take the last disk blocks")?;
@@ -294,21 +312,26 @@ fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::s
 pub struct DiskWriter {
     files: Vec<File>,
     paths: Vec<PathBuf>,
+    /// FERRY_FAULT=disk-record-corrupt: the first record is written with a byte flipped, so
+    /// the tests can show that verification catches a copy that went wrong.
+    corrupt_one: std::sync::atomic::AtomicBool,
 }
 
 impl DiskWriter {
     pub fn open(spec: &VmSpec) -> Result<DiskWriter> {
         let mut files = Vec::new();
         for d in &spec.disks {
-            files.push(std::fs::OpenOptions::new().write(true).open(&d.path).with_context(|| format!("opening {} to follow the source's writes", d.path.display()))?);
+            files.push(std::fs::OpenOptions::new().read(true).write(true).open(&d.path).with_context(|| format!("opening {} to follow the source's writes", d.path.display()))?);
         }
-        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect() })
+        let corrupt_one = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "disk-record-corrupt");
+        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), corrupt_one: corrupt_one.into() })
     }
 
     pub fn apply(&self, w: DiskWrite<'_>) -> Result<()> {
         let (disk, offset, len) = match w {
             DiskWrite::Data { disk, offset, data } => (disk, offset, data.len() as u64),
             DiskWrite::Zero { disk, offset, len } => (disk, offset, len as u64),
+            DiskWrite::Digest { disk, digest } => return self.verify(disk, &digest),
         };
         let file = self.files.get(disk as usize).with_context(|| format!("a record for disk {disk}, which the VM does not have"))?;
         let size = file.metadata()?.len();
@@ -317,6 +340,12 @@ impl DiskWriter {
         }
         let path = &self.paths[disk as usize];
         match w {
+            DiskWrite::Data { data, .. } if self.corrupt_one.swap(false, std::sync::atomic::Ordering::Relaxed) => {
+                tracing::error!("FERRY_FAULT=disk-record-corrupt: a disk record is written with a byte flipped");
+                let mut bad = data.to_vec();
+                bad[0] ^= 1;
+                file.write_all_at(&bad, offset).map_err(|e| write_error(e, path))
+            }
             DiskWrite::Data { data, .. } => file.write_all_at(data, offset).map_err(|e| write_error(e, path)),
             DiskWrite::Zero { .. } => {
                 // Stays sparse: the range is released, and reads as zeros.
@@ -326,7 +355,19 @@ impl DiskWriter {
                 }
                 Ok(())
             }
+            DiskWrite::Digest { .. } => unreachable!("handled above"),
         }
+    }
+
+    /// The copy must be the source's, byte for byte, before the stream (and so the VM) goes on.
+    fn verify(&self, disk: u8, digest: &[u8; 32]) -> Result<()> {
+        let file = self.files.get(disk as usize).with_context(|| format!("a digest for disk {disk}, which the VM does not have"))?;
+        let ours = disk_digest(file)?;
+        if &ours != digest {
+            bail!("disk {} differs from the source's at switchover (digest {} here, {} there): the VM does not run here", self.paths[disk as usize].display(), hex(&ours[..8]), hex(&digest[..8]));
+        }
+        tracing::info!(disk = %self.paths[disk as usize].display(), "the disk equals the source's at switchover");
+        Ok(())
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -335,6 +376,25 @@ impl DiskWriter {
         }
         Ok(())
     }
+}
+
+/// BLAKE3 of a whole disk as it reads (holes as zeros), a megabyte at a time.
+pub fn disk_digest(file: &File) -> Result<[u8; 32]> {
+    let size = file.metadata()?.len();
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn write_error(e: std::io::Error, path: &Path) -> anyhow::Error {

@@ -32,6 +32,9 @@ pub struct MigrateRequest {
     /// How long a cold move waits for the guest to power off before QEMU is quit.
     #[serde(default)]
     pub grace_ms: u32,
+    /// Hash every disk at both sites during the switchover pause (see `disks.rs`).
+    #[serde(default)]
+    pub verify_disks: bool,
 }
 
 /// What MIGRATE_OPEN carries: the VM's spec, and whether the destination boots it (a cold

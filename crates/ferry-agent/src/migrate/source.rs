@@ -370,6 +370,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let mut disks = None;
     if !spec.disks.is_empty() {
         let mut mv = DiskMove::begin(ctx, &spec).await?;
+        mv.verify = req.verify_disks;
         if let Err(e) = mv.bulk(ctx, &req.to, &events).await {
             mv.end_with(ctx).await;
             return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm)));

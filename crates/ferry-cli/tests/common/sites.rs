@@ -50,6 +50,9 @@ impl Sites {
     pub fn start_agent_with(&mut self, site: &str, pki: &Path, env: &[(&str, &str)]) {
         let (me, peer, peer_addr) = if site == "a" { ("198.18.0.1", "b", "198.18.0.2") } else { ("198.18.0.2", "a", "198.18.0.1") };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.join(format!("agent-{site}.log"))).unwrap();
+        // Removed before the agent starts, never after: it may have made its socket already.
+        let sock = self.data(site).join(".ferry/agent.sock");
+        let _ = std::fs::remove_file(&sock);
         let child = ferry()
             .envs(env.iter().copied())
             .args(["lab", "exec", "--lab", &self.lab.name, site, "--", env!("CARGO_BIN_EXE_ferry"), "agent", "--site", site])
@@ -59,8 +62,6 @@ impl Sites {
             .stderr(log)
             .spawn()
             .unwrap();
-        let sock = self.data(site).join(".ferry/agent.sock");
-        let _ = std::fs::remove_file(&sock);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
             assert!(Instant::now() < deadline, "agent {site} did not start:\n{}", self.agent_log(site));
