@@ -13,7 +13,6 @@ use ferry_lab::topology::LabConfig;
 use ferry_lab::units::QueueLimit;
 use ferry_lab::lab;
 use serde::Serialize;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -274,38 +273,7 @@ fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
 /// Bytes of 64 KiB blocks that differ and are not zero in the newer image, raw and compressed
 /// with the level ferry uses by default.
 fn changed_after_compression(older: &Path, newer: &Path) -> Result<(u64, u64)> {
-    const BLOCK: usize = 65536;
-    let (a, b) = (std::fs::File::open(older)?, std::fs::File::open(newer)?);
-    let size = b.metadata()?.len();
-    let mut compressor = ferry_transfer::compress::Compressor::new(1)?;
-    let (mut ba, mut bb) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
-    let (mut raw, mut packed) = (0u64, 0u64);
-    let mut off = 0u64;
-    while off < size {
-        let n = BLOCK.min((size - off) as usize);
-        bb[..n].fill(0);
-        ba[..n].fill(0);
-        read_full(&b, &mut bb[..n], off)?;
-        read_full(&a, &mut ba[..n], off)?;
-        if ba[..n] != bb[..n] && bb[..n].iter().any(|&x| x != 0) {
-            raw += n as u64;
-            packed += compressor.compress(&bb[..n])?.map_or(n, |z| z.len()) as u64;
-        }
-        off += n as u64;
-    }
-    Ok((raw, packed))
-}
-
-fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = f.read_at(&mut buf[done..], off + done as u64)?;
-        if n == 0 {
-            break; // past the end of a shorter file: zeros
-        }
-        done += n;
-    }
-    Ok(())
+    crate::disk_files::changed_compressed(older, newer, 0, u64::MAX)
 }
 
 fn write_results(bench: &ColdBench, images: &DiskImages, changed: u64, changed_compressed: u64, rows: &[ColdRow], print: bool) -> Result<ColdReport> {

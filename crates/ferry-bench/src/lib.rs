@@ -2,8 +2,12 @@
 //! results as CSV, JSON and plots.
 pub mod cold;
 pub mod cpu;
+pub mod disk_files;
 pub mod heartbeat;
 pub mod live;
+pub mod live_disk;
+pub mod live_disk_native;
+pub mod live_disk_report;
 pub mod live_native;
 pub mod live_report;
 pub mod measure;

@@ -45,6 +45,7 @@ impl Method {
     }
 }
 
+#[derive(Clone)]
 pub struct LiveBench {
     pub rtts: Vec<Duration>,
     pub rate_bps: u64,
@@ -67,37 +68,62 @@ pub struct LiveBench {
 const GUEST_PORT: u16 = 7;
 
 pub fn run(bench: &LiveBench) -> Result<LiveReport> {
-    sys::require_root("ferry bench live")?;
-    let q = ferry_lab::qemu::check_qemu()?;
-    std::fs::create_dir_all(&bench.out_dir)?;
-    std::fs::create_dir_all(&bench.work_dir)?;
-    println!("== {} · {} MiB guest, workload {:?}", q.text, bench.memory_mib, bench.workload);
-    let image = guest_image::build_guest_image(Path::new(guest_image::DEFAULT_CACHE))?;
-    let tls_dir = bench.work_dir.join("qemu-tls");
-    // The destination's name as the source's QEMU checks it: the address in the migrate URI.
-    crate::qemu_tls::write_creds(&tls_dir, &["b", "198.18.0.2"])?;
-    let pki = bench.work_dir.join("pki");
-    SiteProcesses::make_pki(&bench.ferry_exe, &pki)?;
+    let setup = Setup::new(bench, "ferry bench live")?;
     let mut rows = Vec::new();
-    for &rtt in &bench.rtts {
-        let params = LinkParams { rtt, rate_bps: bench.rate_bps, loss: 0.0, jitter: Duration::ZERO, queue: QueueLimit::Bdp };
-        let names = ["a", "b", "client"].map(String::from);
-        let cfg = LabConfig::new(&bench.lab, &names, params, &["client-a:rtt=1ms".to_string()])?;
-        println!("== RTT {} ms (client–a 1 ms)", rtt.as_millis());
-        lab::up(&cfg, &bench.ferry_exe)?;
-        let ctx = Ctx { bench, cfg: &cfg, image: &image, tls_dir: &tls_dir, pki: &pki, rtt_ms: rtt.as_secs_f64() * 1e3 };
+    setup.each_rtt(bench, |ctx| {
         for run in 0..bench.runs {
             for &m in &bench.methods {
                 rows.extend(ctx.run_method(m, run));
                 ctx.kill_guests();
             }
         }
-        let _ = lab::down(&cfg.name);
-        write(bench, &rows)?;
-    }
+        write(bench, &rows).map(drop)
+    })?;
     let report = write(bench, &rows)?;
     print(&report);
     Ok(report)
+}
+
+/// What every live benchmark needs before its first lab: the guest image, QEMU's TLS
+/// credentials and the agents' PKI.
+pub(crate) struct Setup {
+    pub image: GuestImage,
+    pub tls_dir: PathBuf,
+    pub pki: PathBuf,
+}
+
+impl Setup {
+    pub fn new(bench: &LiveBench, what: &str) -> Result<Setup> {
+        sys::require_root(what)?;
+        let q = ferry_lab::qemu::check_qemu()?;
+        std::fs::create_dir_all(&bench.out_dir)?;
+        std::fs::create_dir_all(&bench.work_dir)?;
+        println!("== {} · {} MiB guest, workload {:?}", q.text, bench.memory_mib, bench.workload);
+        let image = guest_image::build_guest_image(Path::new(guest_image::DEFAULT_CACHE))?;
+        let tls_dir = bench.work_dir.join("qemu-tls");
+        // The destination's name as the source's QEMU checks it: the address in the migrate URI.
+        crate::qemu_tls::write_creds(&tls_dir, &["b", "198.18.0.2"])?;
+        let pki = bench.work_dir.join("pki");
+        SiteProcesses::make_pki(&bench.ferry_exe, &pki)?;
+        Ok(Setup { image, tls_dir, pki })
+    }
+
+    /// Brings up the lab (sites a, b and client) at each of the bench's RTTs in turn and runs
+    /// `body` in it; the lab goes down after each, whatever `body` returned.
+    pub fn each_rtt(&self, bench: &LiveBench, mut body: impl FnMut(&Ctx) -> Result<()>) -> Result<()> {
+        for &rtt in &bench.rtts {
+            let params = LinkParams { rtt, rate_bps: bench.rate_bps, loss: 0.0, jitter: Duration::ZERO, queue: QueueLimit::Bdp };
+            let names = ["a", "b", "client"].map(String::from);
+            let cfg = LabConfig::new(&bench.lab, &names, params, &["client-a:rtt=1ms".to_string()])?;
+            println!("== RTT {} ms (client–a 1 ms)", rtt.as_millis());
+            lab::up(&cfg, &bench.ferry_exe)?;
+            let ctx = Ctx { bench, cfg: &cfg, image: &self.image, tls_dir: &self.tls_dir, pki: &self.pki, rtt_ms: rtt.as_secs_f64() * 1e3 };
+            let result = body(&ctx);
+            let _ = lab::down(&cfg.name);
+            result?;
+        }
+        Ok(())
+    }
 }
 
 /// The table and the targets.
@@ -127,17 +153,34 @@ fn write(bench: &LiveBench, rows: &[LiveRow]) -> Result<LiveReport> {
     Ok(report)
 }
 
-struct Ctx<'a> {
-    bench: &'a LiveBench,
-    cfg: &'a LabConfig,
-    image: &'a GuestImage,
-    tls_dir: &'a Path,
-    pki: &'a Path,
-    rtt_ms: f64,
+/// One lab at one RTT, and what a method needs to run in it.
+pub(crate) struct Ctx<'a> {
+    pub bench: &'a LiveBench,
+    pub cfg: &'a LabConfig,
+    pub image: &'a GuestImage,
+    pub tls_dir: &'a Path,
+    pub pki: &'a Path,
+    pub rtt_ms: f64,
+}
+
+/// One migration's line as it finishes.
+pub(crate) fn print_row(r: &LiveRow) {
+    let gap = r.probe_longest_gap_ms.map_or("-".into(), |g| format!("{g:.0}"));
+    let status = if r.ok { "ok".to_string() } else { format!("FAILED: {}", r.error.as_deref().unwrap_or(&r.guest_check)) };
+    println!(
+        "   {:<22} {:>7.2} s  QEMU downtime {:>6} ms  probe gap {:>6} ms lost {:>4}  wire {:>8.1} MB  guest {}  {status}",
+        r.method,
+        r.seconds,
+        r.qemu_downtime_ms.map_or("-".into(), |d| format!("{d:.0}")),
+        gap,
+        r.probe_lost,
+        r.wire_bytes() as f64 / 1e6,
+        r.guest_check
+    );
 }
 
 /// Fills the row's wire and probe figures from what a window saw.
-fn seen_figures(row: &mut LiveRow, seen: Seen) {
+pub(crate) fn seen_figures(row: &mut LiveRow, seen: Seen) {
     row.wire_forward_bytes = seen.wire_forward;
     row.wire_back_bytes = seen.wire_back;
     match seen.probe {
@@ -155,11 +198,11 @@ fn seen_figures(row: &mut LiveRow, seen: Seen) {
 }
 
 impl Ctx<'_> {
-    fn row(&self, method: &str, run: usize) -> LiveRow {
+    pub fn row(&self, method: &str, run: usize) -> LiveRow {
         LiveRow { rtt_ms: self.rtt_ms, method: method.into(), run, ..Default::default() }
     }
 
-    fn guest(&self) -> LabGuestSpec {
+    pub fn guest(&self) -> LabGuestSpec {
         let mut g = LabGuestSpec::new("live", "a");
         g.memory_mib = self.bench.memory_mib;
         g.workload = self.bench.workload.split_whitespace().map(String::from).collect();
@@ -172,20 +215,7 @@ impl Ctx<'_> {
             Method::QemuMultifd => vec![self.native(QEMU_MULTIFD, run, NativeOptions { multifd: true })],
             Method::Ferry => self.ferry(run),
         };
-        for r in &rows {
-            let gap = r.probe_longest_gap_ms.map_or("-".into(), |g| format!("{g:.0}"));
-            let status = if r.ok { "ok".to_string() } else { format!("FAILED: {}", r.error.as_deref().unwrap_or(&r.guest_check)) };
-            println!(
-                "   {:<22} {:>7.2} s  QEMU downtime {:>6} ms  probe gap {:>6} ms lost {:>4}  wire {:>8.1} MB  guest {}  {status}",
-                r.method,
-                r.seconds,
-                r.qemu_downtime_ms.map_or("-".into(), |d| format!("{d:.0}")),
-                gap,
-                r.probe_lost,
-                r.wire_bytes() as f64 / 1e6,
-                r.guest_check
-            );
-        }
+        rows.iter().for_each(print_row);
         rows
     }
 
@@ -233,13 +263,13 @@ impl Ctx<'_> {
             vm.start(&data_a, &self.guest(), self.cfg, self.image)?;
             vm.wait_line(&data_a, "ferry-ready", Duration::from_secs(240))?;
             std::thread::sleep(self.bench.settle);
-            let first_ok = self.ferry_trip(&vm, &procs, &mut first, (&data_a, "a"), (&data_b, "b"));
+            let first_ok = self.ferry_trip(&vm, &procs, &mut first, (&data_a, "a"), (&data_b, "b")).map(drop);
             finish(&mut first, first_ok);
             if !first.ok {
                 bail!("the first move failed");
             }
             std::thread::sleep(self.bench.settle);
-            let back_ok = self.ferry_trip(&vm, &procs, &mut back, (&data_b, "b"), (&data_a, "a"));
+            let back_ok = self.ferry_trip(&vm, &procs, &mut back, (&data_b, "b"), (&data_a, "a")).map(drop);
             finish(&mut back, back_ok);
             Ok(())
         })();
@@ -255,7 +285,8 @@ impl Ctx<'_> {
         vec![first, back]
     }
 
-    fn ferry_trip(&self, vm: &SiteVm, procs: &SiteProcesses, row: &mut LiveRow, from: (&Path, &str), to: (&Path, &str)) -> Result<()> {
+    /// One `ferry vm migrate`, measured into `row`; returns ferry's JSON summary.
+    pub fn ferry_trip(&self, vm: &SiteVm, procs: &SiteProcesses, row: &mut LiveRow, from: (&Path, &str), to: (&Path, &str)) -> Result<serde_json::Value> {
         let spec = MoveSpec { lab: self.cfg, vm, from, to, probe_target: self.probe_target()?, timeout: self.bench.method_timeout, hold: self.bench.hold };
         let mv = measure::ferry_move(&spec, &procs.agent_pids())?;
         seen_figures(row, mv.seen);
@@ -273,19 +304,19 @@ impl Ctx<'_> {
         if let Some(o) = s["opaque"].as_str() {
             println!("   note: part of the stream went opaque: {o}");
         }
-        Ok(())
+        Ok(m.summary)
     }
 
-    fn probe_target(&self) -> Result<SocketAddr> {
+    pub fn probe_target(&self) -> Result<SocketAddr> {
         Ok(SocketAddr::new(self.guest().addr(self.cfg)?.into(), GUEST_PORT))
     }
 
-    fn probe_longest(&self) -> Duration {
+    pub fn probe_longest(&self) -> Duration {
         self.bench.method_timeout + Duration::from_secs(120)
     }
 
     /// Ends every QEMU left in sites a and b (a failed run's), so the next method starts clean.
-    fn kill_guests(&self) {
+    pub fn kill_guests(&self) {
         for site in ["a", "b"] {
             let Ok(s) = self.cfg.site(site) else { continue };
             for pid in sys::pids_in(&self.cfg.namespace(s)) {
@@ -301,12 +332,12 @@ impl Ctx<'_> {
     }
 }
 
-fn set_check(row: &mut LiveRow, check: &GuestCheck) {
+pub(crate) fn set_check(row: &mut LiveRow, check: &GuestCheck) {
     row.guest_ok = check.ok;
     row.guest_check = check.why.clone();
 }
 
-fn finish(row: &mut LiveRow, result: Result<()>) {
+pub(crate) fn finish(row: &mut LiveRow, result: Result<()>) {
     if let Err(e) = result {
         row.error.get_or_insert(format!("{e:#}"));
     }

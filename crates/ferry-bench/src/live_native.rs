@@ -14,6 +14,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 pub const PORT: u16 = 49152;
+/// The id of the x509 credentials object `configure` adds on each end.
+pub(crate) const TLS_CREDS: &str = "tls0";
 
 #[derive(Clone, Copy, Debug)]
 pub struct NativeOptions {
@@ -32,10 +34,22 @@ pub struct NativeOutcome {
 }
 
 /// A QEMU this module started (the destination), stopped and its tap removed when dropped.
-struct Qemu {
-    child: Child,
+pub struct Qemu {
+    pub child: Child,
     namespace: String,
     tap: String,
+}
+
+impl Qemu {
+    pub fn spawn(launch: &GuestLaunch) -> Result<Qemu> {
+        let _ = std::fs::remove_file(&launch.serial_log);
+        let child = launch.spawn()?;
+        Ok(Qemu { child, namespace: launch.namespace.clone(), tap: launch.tap.clone() })
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for Qemu {
@@ -78,8 +92,7 @@ pub fn migrate(run: &NativeRun, source: &mut LabGuest, hold: Duration, mut aroun
     let dest = start_destination(run).and_then(|(q, launch)| {
         let mut sq = Qmp::connect(&source.qmp_socket, Duration::from_secs(10))?;
         configure(&mut sq, run, "client")?;
-        let dest_ip = run.lab.site("b")?.wan_addr();
-        sq.execute("migrate", json!({"uri": format!("tcp:{dest_ip}:{PORT}")}))?;
+        sq.execute("migrate", json!({"uri": migrate_uri(run)?}))?;
         let info = wait_migration(&mut sq, run.timeout);
         outcome.seconds = started.elapsed().as_secs_f64();
         around(false);
@@ -101,36 +114,52 @@ pub fn migrate(run: &NativeRun, source: &mut LabGuest, hold: Duration, mut aroun
         }
     };
     let serial = launch.serial_log.clone();
-    let check = heartbeat::watch(|| Ok(qemu::serial_lines(&serial)), || matches!(q.child.try_wait(), Ok(None)), seq_before, Duration::from_secs(20), hold);
+    let check = heartbeat::watch(|| Ok(qemu::serial_lines(&serial)), || q.running(), seq_before, Duration::from_secs(20), hold);
     (outcome, check)
 }
 
 fn start_destination(run: &NativeRun) -> Result<(Qemu, GuestLaunch)> {
+    let (q, launch, mut dq) = spawn_destination(run, vec![])?;
+    incoming(&mut dq, run)?;
+    Ok((q, launch))
+}
+
+/// Starts the destination QEMU at b for `run.guest` (`-incoming defer`, then `extra_args`),
+/// connects to its QMP and configures it as a migration's server end.
+pub(crate) fn spawn_destination(run: &NativeRun, extra_args: Vec<String>) -> Result<(Qemu, GuestLaunch, Qmp)> {
     let mut spec = run.guest.clone();
     spec.name = "ldst".into();
     spec.site = "b".into();
     spec.home_site = Some("a".into());
     let mut launch = spec.launch(run.lab, run.image)?;
     launch.extra_args = vec!["-incoming".into(), "defer".into()];
-    let _ = std::fs::remove_file(&launch.serial_log);
-    let child = launch.spawn()?;
-    let q = Qemu { child, namespace: launch.namespace.clone(), tap: launch.tap.clone() };
+    launch.extra_args.extend(extra_args);
+    let q = Qemu::spawn(&launch)?;
     let mut dq = Qmp::connect(&launch.qmp_socket, Duration::from_secs(20)).context("the destination QEMU's QMP")?;
     configure(&mut dq, run, "server")?;
-    let dest_ip = run.lab.site("b")?.wan_addr();
-    dq.execute("migrate-incoming", json!({"uri": format!("tcp:{dest_ip}:{PORT}")}))?;
-    Ok((q, launch))
+    Ok((q, launch, dq))
+}
+
+/// The destination's `migrate-incoming` on b's WAN address.
+pub(crate) fn incoming(dq: &mut Qmp, run: &NativeRun) -> Result<()> {
+    dq.execute("migrate-incoming", json!({"uri": migrate_uri(run)?}))?;
+    Ok(())
+}
+
+/// Where the destination listens for the migration stream (the source's `migrate` URI).
+pub(crate) fn migrate_uri(run: &NativeRun) -> Result<String> {
+    Ok(format!("tcp:{}:{PORT}", run.lab.site("b")?.wan_addr()))
 }
 
 /// The same capabilities and parameters on both ends, and the TLS credentials for `endpoint`.
-fn configure(qmp: &mut Qmp, run: &NativeRun, endpoint: &str) -> Result<()> {
-    qmp.execute("object-add", json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": run.tls_dir.to_str().unwrap(), "endpoint": endpoint, "verify-peer": true}))?;
+pub(crate) fn configure(qmp: &mut Qmp, run: &NativeRun, endpoint: &str) -> Result<()> {
+    qmp.execute("object-add", json!({"qom-type": "tls-creds-x509", "id": TLS_CREDS, "dir": run.tls_dir.to_str().unwrap(), "endpoint": endpoint, "verify-peer": true}))?;
     let mut caps = vec![json!({"capability": "return-path", "state": true})];
     if run.options.multifd {
         caps.push(json!({"capability": "multifd", "state": true}));
     }
     qmp.execute("migrate-set-capabilities", json!({"capabilities": caps}))?;
-    let mut params = json!({"tls-creds": "tls0"});
+    let mut params = json!({"tls-creds": TLS_CREDS});
     if run.options.multifd {
         params["multifd-channels"] = json!(8);
         params["multifd-compression"] = json!("zstd");
@@ -141,7 +170,7 @@ fn configure(qmp: &mut Qmp, run: &NativeRun, endpoint: &str) -> Result<()> {
 
 /// Polls `query-migrate` until it completes; fails on QEMU's failure or after `limit` (then
 /// cancels, so the source runs on).
-fn wait_migration(qmp: &mut Qmp, limit: Duration) -> Result<Value> {
+pub(crate) fn wait_migration(qmp: &mut Qmp, limit: Duration) -> Result<Value> {
     let deadline = Instant::now() + limit;
     loop {
         let info = qmp.execute("query-migrate", json!({}))?;

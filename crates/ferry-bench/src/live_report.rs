@@ -2,7 +2,7 @@
 //! ratios between methods of the same run, and CSV, JSON and PNG output.
 use crate::plot::{self, Chart, Series};
 use crate::report::{self, fmt_num, median, Target};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -138,21 +138,26 @@ pub fn targets(rows: &[LiveRow]) -> Vec<Target> {
         ("ferry lost probes x 10 ms / QEMU native's best", 1.0, Box::new(|r| ratio(f.lost_ms(FERRY, r), f.native_best(r, Figures::lost_ms)))),
     ];
     for (name, goal, value) in per_rtt {
-        // The worst RTT decides; NaN (a failed method) is worst of all.
-        let worst = rtts.iter().map(|&r| (value(r), r)).max_by(|a, b| nan_high(a.0).total_cmp(&nan_high(b.0)));
-        if let Some((v, r)) = worst {
+        if let Some((v, r)) = worst(&rtts, value) {
             push(format!("{name} (worst over RTTs: at {r:.0} ms)"), v, goal);
         }
     }
     out
 }
 
-fn nan_high(v: f64) -> f64 {
-    if v.is_nan() {
-        f64::INFINITY
-    } else {
-        v
-    }
+/// The highest `value` over `rtts`, and where: NaN (a failed method) is worst of all.
+pub(crate) fn worst(rtts: &[f64], value: impl Fn(f64) -> f64) -> Option<(f64, f64)> {
+    let nan_high = |v: f64| if v.is_nan() { f64::INFINITY } else { v };
+    rtts.iter().map(|&r| (value(r), r)).max_by(|a, b| nan_high(a.0).total_cmp(&nan_high(b.0)))
+}
+
+/// One plot series per method: `figure` at each RTT, where it is known.
+pub(crate) fn method_series(methods: &[&str], rtts: &[f64], figure: &dyn Fn(&str, f64) -> f64) -> Vec<Series> {
+    methods
+        .iter()
+        .map(|m| Series { name: m.to_string(), points: rtts.iter().map(|&r| (r, figure(m, r))).filter(|p| p.1.is_finite()).collect() })
+        .filter(|s| !s.points.is_empty())
+        .collect()
 }
 
 pub fn table(rows: &[LiveRow]) -> String {
@@ -193,9 +198,7 @@ pub fn print_targets(targets: &[Target]) {
 
 /// A previous run's report, its targets computed again from its rows.
 pub fn read(out: &Path) -> Result<LiveReport> {
-    let path = out.join("live.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut report: LiveReport = serde_json::from_str(&text).with_context(|| format!("{} is not a live benchmark report", path.display()))?;
+    let mut report: LiveReport = report::read_json(&out.join("live.json"), "a live benchmark report")?;
     report.targets = targets(&report.rows);
     Ok(report)
 }
@@ -205,13 +208,7 @@ pub fn write(out: &Path, report: &LiveReport) -> Result<()> {
     report::write_json(&out.join("live.json"), report)?;
     let f = Figures::new(&report.rows);
     let rtts = f.rtts();
-    let series = |figure: &dyn Fn(&str, f64) -> f64| -> Vec<Series> {
-        METHODS
-            .iter()
-            .map(|m| Series { name: m.to_string(), points: rtts.iter().map(|&r| (r, figure(m, r))).filter(|p| p.1.is_finite()).collect() })
-            .filter(|s| !s.points.is_empty())
-            .collect()
-    };
+    let series = |figure: &dyn Fn(&str, f64) -> f64| method_series(&METHODS, &rtts, figure);
     let title = format!("{} MiB guest, {}, {} Gbit/s", report.memory_mib, report.workload, report.rate_bps as f64 / 1e9);
     let charts: [(&str, &str, Vec<Series>, bool); 3] = [
         ("live-time.png", "migration time (s)", series(&|m, r| f.time(m, r)), false),

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct SiteVm {
     pub exe: PathBuf,
     pub name: String,
+    /// Raw disks the spec gives the VM (virtio, in this order), as paths at the starting site.
+    pub disks: Vec<PathBuf>,
 }
 
 /// What `ferry vm migrate --json` printed, and how long the command took.
@@ -22,7 +24,7 @@ pub struct Migrated {
 
 impl SiteVm {
     pub fn new(exe: &Path, name: &str) -> SiteVm {
-        SiteVm { exe: exe.to_path_buf(), name: name.to_string() }
+        SiteVm { exe: exe.to_path_buf(), name: name.to_string(), disks: Vec::new() }
     }
 
     fn vm(&self, data: &Path, args: &[&str], limit: Duration) -> Result<String> {
@@ -39,7 +41,10 @@ impl SiteVm {
     /// whose data directory is `data`.
     pub fn start(&self, data: &Path, spec: &LabGuestSpec, lab: &LabConfig, image: &GuestImage) -> Result<()> {
         let launch = spec.launch(lab, image)?;
-        let toml = spec_toml(&self.name, spec.memory_mib, &image.kernel, &image.initrd, &launch.append, &launch.mac);
+        let mut toml = spec_toml(&self.name, spec.memory_mib, &image.kernel, &image.initrd, &launch.append, &launch.mac);
+        for d in &self.disks {
+            toml.push_str(&format!("[[disks]]\npath = \"{}\"\n", d.display()));
+        }
         std::fs::create_dir_all(data)?;
         let path = data.join(format!("{}.toml", self.name));
         std::fs::write(&path, toml)?;

@@ -3,6 +3,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use ferry_bench::cold::{ColdBench, Method};
 use ferry_bench::live::{self, LiveBench};
+use ferry_bench::live_disk::{self, LiveDiskBench};
 use ferry_lab::units::{parse_duration, parse_rate_bps};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +15,8 @@ pub enum BenchCommand {
     Cold(ColdArgs),
     /// Move a running guest from site a to b at each RTT with QEMU's own migration (TLS; and
     /// multifd+zstd+TLS) and with ferry (and back), probed every 10 ms from site client; table,
-    /// CSV, JSON and plots under --out.
+    /// CSV, JSON and plots under --out. With --disk the guest has the 4 GiB disk (newer version;
+    /// b holds the older) and writes to it: QEMU's NBD mirror + multifd against ferry.
     Live(LiveArgs),
 }
 
@@ -25,9 +27,23 @@ pub struct LiveArgs {
     rtts: Vec<Duration>,
     #[arg(long, default_value = "1gbit", value_parser = parse_rate_bps)]
     rate: u64,
-    /// Methods, comma-separated: qemu-tls, qemu-multifd, ferry (ferry includes its return trip).
-    #[arg(long, value_delimiter = ',', default_value = "qemu-tls,qemu-multifd,ferry", value_parser = live::Method::parse)]
-    methods: Vec<live::Method>,
+    /// Methods, comma-separated: qemu-tls, qemu-multifd, ferry (ferry includes its return trip);
+    /// with --disk: qemu-nbd-mirror, ferry, ferry-diskless (default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<String>>,
+    /// The guest has a local disk that moves with it (issue 5): the 4 GiB realistic image's
+    /// newer version at a, its older version at b; results in live-disk.{csv,json,png}.
+    #[arg(long)]
+    disk: bool,
+    /// With --disk: the guest's disk writes (bytes per second of 64 KiB records).
+    #[arg(long, default_value = "2M")]
+    disk_rate: String,
+    /// With --disk: the ring the guest writes its records around (bytes: K, M, G suffixes).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    disk_span: u64,
+    /// With --disk: no return trip after ferry's move.
+    #[arg(long)]
+    no_return: bool,
     /// Runs of every method at each RTT (the median is reported).
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -53,7 +69,8 @@ pub struct LiveArgs {
     work: PathBuf,
     #[arg(long, default_value = "blive")]
     lab: String,
-    /// Run nothing: make the table, targets and plots again from the live.json under --out.
+    /// Run nothing: make the table, targets and plots again from the live.json (with --disk:
+    /// live-disk.json) under --out.
     #[arg(long)]
     replot: bool,
 }
@@ -104,15 +121,25 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             ferry_bench::cold::run(&bench)?;
             bench.out_dir
         }
+        BenchCommand::Live(a) if a.replot && a.disk => {
+            live_disk::replot(&a.out)?;
+            a.out
+        }
         BenchCommand::Live(a) if a.replot => {
             live::replot(&a.out)?;
             a.out
         }
         BenchCommand::Live(a) => {
+            let methods = |all: &str| a.methods.clone().unwrap_or_else(|| all.split(',').map(String::from).collect());
+            let (live_methods, disk_methods) = if a.disk {
+                (vec![], methods("qemu-nbd-mirror,ferry,ferry-diskless").iter().map(|m| live_disk::Method::parse(m)).collect::<Result<_>>()?)
+            } else {
+                (methods("qemu-tls,qemu-multifd,ferry").iter().map(|m| live::Method::parse(m)).collect::<Result<_>>()?, vec![])
+            };
             let bench = LiveBench {
                 rtts: a.rtts,
                 rate_bps: a.rate,
-                methods: a.methods,
+                methods: live_methods,
                 runs: a.runs.max(1),
                 memory_mib: a.memory,
                 workload: a.workload,
@@ -124,10 +151,36 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 ferry_exe: std::env::current_exe()?,
                 lab: a.lab,
             };
-            live::run(&bench)?;
-            bench.out_dir
+            if a.disk {
+                let disk = LiveDiskBench { live: bench, methods: disk_methods, disk_rate: a.disk_rate, ring_span: a.disk_span, return_trip: !a.no_return };
+                live_disk::run(&disk)?;
+                disk.live.out_dir
+            } else {
+                live::run(&bench)?;
+                bench.out_dir
+            }
         }
     };
     println!("results in {}", out.display());
     Ok(())
+}
+
+/// `64M`, `4096K`, `1G` or plain bytes.
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (num, shift) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 0),
+        Some((i, _)) => (
+            &t[..i],
+            match t[i..].trim_end_matches("iB").trim_end_matches('B') {
+                "K" | "k" => 10,
+                "M" | "m" => 20,
+                "G" | "g" => 30,
+                "" => 0,
+                other => anyhow::bail!("size {text:?}: unknown unit {other:?} (use K, M or G)"),
+            },
+        ),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("size {text:?}: not a number"))?;
+    Ok(n << shift)
 }
