@@ -31,6 +31,15 @@ pub struct DemoArgs {
 
 const RATE: u64 = 1_000_000_000;
 
+/// The guest's disk: where a VM's disk lives under a site's data directory (so the copy the
+/// image moves leave at b is the older version a live move draws on).
+const DISK: u64 = 1 << 30;
+const DISK_OBJECT: &str = "vms/demo1/disk.raw";
+
+fn disk_path(data: &Path) -> PathBuf {
+    data.join(DISK_OBJECT)
+}
+
 pub fn run(args: DemoArgs) -> Result<()> {
     sys::require_root("ferry demo")?;
     let q = qemu::check_qemu()?;
@@ -72,8 +81,10 @@ impl<'a> Demo<'a> {
         println!("-- agents in a ({ip_a}:7400) and b ({ip_b}:7400), mutual TLS 1.3 with site certificates from a CA in {}", pki.display());
         let mut guest = LabGuestSpec::new("demo1", "a");
         guest.memory_mib = 512;
-        guest.workload = vec!["ferry.mem=192M".into(), "ferry.dirty=2M".into()];
-        let vm = SiteVm::new(&exe, "demo1");
+        // The guest also writes to its disk, in a ring near its end, throughout.
+        guest.workload = ["ferry.mem=192M", "ferry.dirty=2M", "ferry.disk=/dev/vda", "ferry.disk_rate=1M", &format!("ferry.disk_offset={}", DISK - (64 << 20)), "ferry.disk_span=32M"].map(String::from).to_vec();
+        let mut vm = SiteVm::new(&exe, "demo1");
+        vm.disks = vec![disk_path(&data_a)];
         Ok(Demo { cfg, exe, data_a, data_b, procs, vm, guest })
     }
 
@@ -81,22 +92,22 @@ impl<'a> Demo<'a> {
         let t = Instant::now();
         let image = guest_image::build_guest_image(Path::new(guest_image::DEFAULT_CACHE))?;
         println!("-- guest image ready in {:.1} s: {} + {}", t.elapsed().as_secs_f64(), image.kernel.display(), image.initrd.display());
+        self.move_image()?;
         let t = Instant::now();
         self.vm.start(&self.data_a, &self.guest, self.cfg, &image).context("starting the demo guest in site a")?;
         let ready = self.vm.wait_line(&self.data_a, "ferry-ready", Duration::from_secs(180))?;
         let addr = self.guest.addr(self.cfg)?;
-        println!("-- guest demo1 ({} MiB) started by site a's agent under TCG: ready {:.1} s later, address {addr}", self.guest.memory_mib, t.elapsed().as_secs_f64());
+        println!("-- guest demo1 ({} MiB, its 1 GiB disk the image above) started by site a's agent under TCG: ready {:.1} s later, address {addr}", self.guest.memory_mib, t.elapsed().as_secs_f64());
         println!("   {ready}");
         self.probe_a_while(addr.to_string())?;
         println!("-- the guest's heartbeat on its serial console:");
         for hb in self.heartbeats(&self.data_a).iter().rev().take(3).rev() {
             println!("   {hb}");
         }
-        self.move_image()?;
         let target = SocketAddr::new(addr.into(), 7);
-        println!("-- moving the running guest from site a to site b (ferry vm migrate) while site client probes it every 10 ms");
+        println!("-- moving the running guest and its disk from site a to site b (ferry vm migrate) while site client probes it every 10 ms");
         self.live_move(target, (&self.data_a, "a"), (&self.data_b, "b"))?;
-        println!("-- and back to site a, which still holds the pages it sent: most travel as references");
+        println!("-- and back to site a, which still holds the pages it sent and the disk it had: most travel as references");
         std::thread::sleep(Duration::from_secs(2));
         self.live_move(target, (&self.data_b, "b"), (&self.data_a, "a"))?;
         println!("-- WAN link counters:");
@@ -151,6 +162,20 @@ impl<'a> Demo<'a> {
             100.0 * wire as f64 / n("stream_bytes").max(1) as f64
         );
         println!("   pages: {} sent, {} by reference, {} zero", n("pages_sent"), n("pages_referenced"), n("pages_zero"));
+        let d = &s["disks"];
+        if d.is_object() {
+            let dn = |k: &str| d[k].as_u64().unwrap_or(0);
+            println!(
+                "   disk: {:.0} MB · bulk pass {:.2} s sent {:.1} MB (the rest the destination held) · {} rounds of the guest's writes, {:.1} MB · the last {:.2} MB in {:.0} ms paused",
+                mb(dn("bytes")),
+                d["bulk_seconds"].as_f64().unwrap_or(0.0),
+                mb(dn("bulk_sent")),
+                dn("rounds"),
+                mb(dn("dirty_bytes")),
+                mb(dn("final_bytes")),
+                d["final_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
         match &mv.seen.probe {
             Ok(r) => println!(
                 "   the client saw: longest gap {} · lost {} of {} probes ({} ms at 10 ms each)",
@@ -170,27 +195,28 @@ impl<'a> Demo<'a> {
     }
 
     /// Site agents move a disk image to site b, then its newer version: the second move sends
-    /// only the changed blocks.
+    /// only the changed blocks. The image then changes a little more and becomes the guest's
+    /// disk, so b holds an older copy of it.
     fn move_image(&self) -> Result<()> {
-        const SIZE: u64 = 1 << 30;
         println!("-- moving a disk image from site a to site b over mutual TLS 1.3");
-        let image = self.data_a.join("vm1.raw");
-        ferry_lab::synthetic_image::write_image(&image, SIZE, 1)?;
+        let image = disk_path(&self.data_a);
+        std::fs::create_dir_all(image.parent().unwrap())?;
+        ferry_lab::synthetic_image::write_image(&image, DISK, 1)?;
         println!("   first move: a 1 GiB image (text-like, random and sparse blocks) that site b does not have");
         self.send(&image)?;
         let changed = ferry_lab::synthetic_image::change_blocks(&image, 16, 2)?;
         println!("   second move: a newer version, {} MiB of its blocks rewritten; b holds the older one", changed >> 20);
         self.send(&image)?;
-        let same = Command::new("cmp").arg("-s").arg(&image).arg(self.data_b.join("vm1.raw")).status()?.success();
+        let same = Command::new("cmp").arg("-s").arg(&image).arg(disk_path(&self.data_b)).status()?.success();
         anyhow::ensure!(same, "the image at site b differs from the source");
         println!("   site b's copy is byte-equal to the source");
-        let _ = std::fs::remove_file(&image);
-        let _ = std::fs::remove_file(self.data_b.join("vm1.raw"));
+        let changed = ferry_lab::synthetic_image::change_blocks(&image, 64, 3)?;
+        println!("   the image changes again ({} MiB) and becomes the demo guest's disk: b holds an older copy", changed >> 20);
         Ok(())
     }
 
     fn send(&self, image: &Path) -> Result<()> {
-        let argv: Vec<String> = [self.exe.to_str().unwrap(), "image", "send", image.to_str().unwrap(), "--to", "b", "--as", "vm1.raw", "--data", self.data_a.to_str().unwrap()]
+        let argv: Vec<String> = [self.exe.to_str().unwrap(), "image", "send", image.to_str().unwrap(), "--to", "b", "--as", DISK_OBJECT, "--data", self.data_a.to_str().unwrap()]
             .iter()
             .map(|s| s.to_string())
             .collect();

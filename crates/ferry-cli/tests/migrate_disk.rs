@@ -161,6 +161,8 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     let cold: serde_json::Value = serde_json::from_str(&out).unwrap();
     println!("b→a cold: {cold}");
     assert!(cold["cold"].as_bool().unwrap(), "{cold}");
+    // a indexed the copy the VM left there when it moved out: no hashing it again to find it.
+    assert!(sites.agent_log("a").contains("the disk the VM left here is in the content store"), "{}", tail(&sites.agent_log("a")));
     assert!(vms(&sites, "b").is_empty());
     assert_eq!(vms(&sites, "a"), vec![("g1".to_string(), "running".to_string())]);
     assert!(cold["disks"]["bulk_reused"].as_u64().unwrap() >= 60 << 20, "{cold}");

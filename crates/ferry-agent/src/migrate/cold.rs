@@ -37,7 +37,9 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
         Ok::<_, anyhow::Error>((summary, rtt))
     };
     match moved.await {
-        Ok((disks, rtt)) => Ok(MigrateSummary {
+        Ok((disks, rtt)) => {
+            super::disks::index_left_copies(ctx.vms.data_dir().to_path_buf(), spec.clone(), ctx.cfg.tenant_key()?);
+            Ok(MigrateSummary {
             vm: req.vm.clone(),
             to: req.to.clone(),
             seconds: started.elapsed().as_secs_f64(),
@@ -48,7 +50,8 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
             disks: Some(disks),
             cold: true,
             ..Default::default()
-        }),
+            })
+        }
         Err(e) => {
             let state = match ctx.vms.start(&spec, false).await {
                 Ok(()) => "the VM boots again here from its own disks".to_string(),

@@ -51,6 +51,35 @@ pub fn arrive(spec: &mut VmSpec, data_dir: &Path) {
     }
 }
 
+/// After the VM left: the disks it left here, as they were at switchover, go into this site's
+/// content store (an index of their blocks), so that a move back, or any transfer here, finds
+/// them without hashing them first. Off the caller's path; a disk outside the data directory
+/// is not a store object and is left alone.
+pub fn index_left_copies(data_dir: PathBuf, spec: VmSpec, tenant_key: [u8; 32]) {
+    std::thread::spawn(move || {
+        for d in &spec.disks {
+            let Ok(object) = d.path.strip_prefix(&data_dir) else { continue };
+            let object = object.to_string_lossy().into_owned();
+            let indexed = (|| -> Result<usize> {
+                let file = File::open(&d.path)?;
+                let size = file.metadata()?.len();
+                let mut blocks = Vec::new();
+                let hasher = ferry_transfer::scan::ChunkHasher::new(tenant_key);
+                ferry_transfer::scan::scan(&file, size, ferry_transfer::scan::Chunker::Fixed { block: GRANULARITY as u32 }, &hasher, |b| {
+                    blocks.push(b);
+                    Ok(())
+                })?;
+                ferry_transfer::catalog::record(&data_dir, &object, size, &blocks)?;
+                Ok(blocks.len())
+            })();
+            match indexed {
+                Ok(n) => tracing::info!(object, blocks = n, "the disk the VM left here is in the content store"),
+                Err(e) => tracing::warn!(object, "indexing the disk the VM left here failed: {e:#}"),
+            }
+        }
+    });
+}
+
 /// What the batches hand the pump besides QEMU's stream.
 pub enum PumpInput {
     Records(Vec<u8>),

@@ -452,6 +452,9 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     }
     ctx.vms.kill(&req.vm).await;
     doubt::clear(&dir);
+    if disks.is_some() {
+        super::disks::index_left_copies(ctx.vms.data_dir().to_path_buf(), spec.clone(), ctx.cfg.tenant_key()?);
+    }
     // Only now that the destination runs the VM is every page sent known to be there: the next
     // move between these sites (either way) need not list them.
     if let Some(sent) = st.sent.lock().unwrap().take() {
