@@ -30,6 +30,8 @@ pub enum Request {
     Migrate(crate::migrate::MigrateRequest),
     /// Ready (warm) connections per peer site.
     Status,
+    /// Adds an object already under the data directory to the content store.
+    Index { object: String },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -139,6 +141,17 @@ async fn handle(stream: UnixStream, agent: &Agent) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let work: std::pin::Pin<Box<dyn std::future::Future<Output = Event> + Send + '_>> = match serde_json::from_str(&line).context("malformed control request")? {
         Request::Status => return emit(&mut write, &Event::Status { peers: warm.status(cfg.link_rate_bps).await }).await,
+        Request::Index { object } => {
+            let (data, key) = (cfg.data_dir.clone(), cfg.tenant_key()?);
+            let indexed = tokio::task::spawn_blocking(move || {
+                let path = ferry_transfer::receiver::resolve(&data, &object)?;
+                let n = ferry_transfer::catalog::index_file(&data, &object, &path, &ferry_transfer::scan::ChunkHasher::new(key), 64 << 10)?;
+                Ok::<_, anyhow::Error>(format!("{object}: {n} blocks of 64 KiB in the content store"))
+            })
+            .await?;
+            let ev = indexed.map_or_else(|e| Event::Failed { error: format!("{e:#}") }, |message| Event::Ok { message });
+            return emit(&mut write, &ev).await;
+        }
         Request::Send(req) => Box::pin(async move { run_send(cfg, identity, warm, req, tx).await.map_or_else(failed, Event::Done) }),
         Request::VmStart { spec } => Box::pin(async move {
             match agent.vms.start(&spec, false).await {

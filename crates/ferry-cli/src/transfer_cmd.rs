@@ -126,6 +126,14 @@ pub fn status(a: StatusArgs) -> Result<()> {
 pub enum ImageCommand {
     /// Send a disk image (or any file) to another site through the local agent.
     Send(SendArgs),
+    /// Add a file already under the local agent's data directory (copied in by other means) to
+    /// its content store, so that transfers and moves here find its blocks without hashing it.
+    Index {
+        /// Path under the data directory.
+        object: String,
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -161,7 +169,20 @@ pub struct SendArgs {
 }
 
 pub fn image(cmd: ImageCommand) -> Result<()> {
-    let ImageCommand::Send(a) = cmd;
+    let a = match cmd {
+        ImageCommand::Send(a) => a,
+        ImageCommand::Index { object, data } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            return match rt.block_on(ferry_agent::control::request(&ferry_agent::config::control_socket(&data), &Request::Index { object }, |_| {}))? {
+                Event::Ok { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                Event::Failed { error } => anyhow::bail!("{error}"),
+                other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+            };
+        }
+    };
     let source = std::fs::canonicalize(&a.source).with_context(|| format!("{} does not exist", a.source.display()))?;
     let cdc = match a.chunking.as_str() {
         "fixed" => false,

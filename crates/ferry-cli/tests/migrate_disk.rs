@@ -118,6 +118,11 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     let disk_b = sites.data("b").join("vms/g1/disk.raw");
     write_disk(&disk_a, DATA >> 20, 2);
     write_disk(&disk_b, DATA >> 20, 1);
+    // b's copy was put there by hand: it joins b's content store (its 64 MiB of data, in
+    // 64 KiB blocks; the sparse rest is no block).
+    let data_b = sites.data("b");
+    let indexed = ferry_ok(&["image", "index", "vms/g1/disk.raw", "--data", data_b.to_str().unwrap()]);
+    assert!(indexed.contains("vms/g1/disk.raw: 1024 blocks of 64 KiB"), "{indexed}");
     let spec = write_spec(&sites.root, &disk_a, "ferry.mem=64M ferry.dirty=1M");
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     let before = wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));

@@ -78,6 +78,21 @@ pub fn load(path: &Path) -> Result<ObjectIndex> {
     Ok(ObjectIndex { object: String::from_utf8(name).context("object name")?, size, blocks })
 }
 
+/// Hashes an object in place (aligned blocks, the disk images' chunking) and records its index:
+/// an object that arrived some other way (copied in by hand, left by a VM that moved out) joins
+/// the content store. Returns the number of data blocks.
+pub fn index_file(data_dir: &Path, object: &str, path: &Path, hasher: &crate::scan::ChunkHasher, block: u32) -> Result<usize> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let mut blocks = Vec::new();
+    crate::scan::scan(&file, size, crate::scan::Chunker::Fixed { block }, hasher, |b| {
+        blocks.push(b);
+        Ok(())
+    })?;
+    record(data_dir, object, size, &blocks)?;
+    Ok(blocks.iter().filter(|b| b.id.is_some()).count())
+}
+
 /// Whether the object's index describes it as it is now: written no earlier than the object
 /// was last modified (a running VM's disk changes in place after it is indexed).
 pub fn is_current(data_dir: &Path, object: &str, object_path: &Path) -> bool {

@@ -60,18 +60,8 @@ pub fn index_left_copies(data_dir: PathBuf, spec: VmSpec, tenant_key: [u8; 32]) 
         for d in &spec.disks {
             let Ok(object) = d.path.strip_prefix(&data_dir) else { continue };
             let object = object.to_string_lossy().into_owned();
-            let indexed = (|| -> Result<usize> {
-                let file = File::open(&d.path)?;
-                let size = file.metadata()?.len();
-                let mut blocks = Vec::new();
-                let hasher = ferry_transfer::scan::ChunkHasher::new(tenant_key);
-                ferry_transfer::scan::scan(&file, size, ferry_transfer::scan::Chunker::Fixed { block: GRANULARITY as u32 }, &hasher, |b| {
-                    blocks.push(b);
-                    Ok(())
-                })?;
-                ferry_transfer::catalog::record(&data_dir, &object, size, &blocks)?;
-                Ok(blocks.len())
-            })();
+            let hasher = ferry_transfer::scan::ChunkHasher::new(tenant_key);
+            let indexed = ferry_transfer::catalog::index_file(&data_dir, &object, &d.path, &hasher, GRANULARITY as u32);
             match indexed {
                 Ok(n) => tracing::info!(object, blocks = n, "the disk the VM left here is in the content store"),
                 Err(e) => tracing::warn!(object, "indexing the disk the VM left here failed: {e:#}"),
