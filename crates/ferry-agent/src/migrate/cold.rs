@@ -2,7 +2,7 @@
 //! through the transfer engine (only what the destination lacks; each disk verified by digest
 //! before it is committed there), and the destination boots it. Whatever fails, the source
 //! boots the VM again from its own disks, which the move only read.
-use super::disks::{object_name, DiskSummary};
+use super::disks::{object_name, refuse_if_destination_runs, refuse_shared_names, DiskSummary};
 use super::source::{prepare, SourceContext};
 use super::{Arrival, MigrateRequest, MigrateSummary};
 use crate::control::{self, Event, SendRequest};
@@ -17,7 +17,11 @@ use tokio::sync::mpsc;
 pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
+    refuse_shared_names(&spec)?;
+    refuse_if_destination_runs(ctx, &req.vm, &req.to).await?;
     ctx.vms.stop(&req.vm, Duration::from_millis(req.grace_ms as u64)).await?;
+    let migration = session::rand_bytes();
+    let opened = std::sync::atomic::AtomicBool::new(false);
     let counter = Arc::new(WireCounter::default());
     let moved = async {
         let mut summary = DiskSummary { disks: spec.disks.len(), ..Default::default() };
@@ -32,7 +36,8 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
         }
         summary.bulk_seconds = started.elapsed().as_secs_f64();
         let arrival = Bytes::from(serde_json::to_vec(&Arrival { spec: spec.clone(), cold: true })?);
-        let (conns, rtt, _) = prepare(ctx, &req, session::rand_bytes(), &arrival, &counter).await?;
+        opened.store(true, Relaxed);
+        let (conns, rtt, _) = prepare(ctx, &req, migration, &arrival, &counter).await?;
         drop(conns);
         Ok::<_, anyhow::Error>((summary, rtt))
     };
@@ -53,11 +58,30 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
             })
         }
         Err(e) => {
-            let state = match ctx.vms.start(&spec, false).await {
-                Ok(()) => "the VM boots again here from its own disks".to_string(),
-                Err(boot) => format!("booting it again here failed too: {boot:#}"),
+            // Once the destination was asked to boot it, only its word says whether it did:
+            // booting here too would run the VM twice.
+            let boots_there = if opened.load(Relaxed) { destination_runs(ctx, &req, migration).await } else { Some(false) };
+            let state = match boots_there {
+                Some(true) => format!("{} runs the VM nevertheless", req.to),
+                None => format!("whether {} runs the VM could not be learned: it is not started here (its disks here are intact; start it with `ferry vm start` once {} is known not to run it)", req.to, req.to),
+                Some(false) => match ctx.vms.start(&spec, false).await {
+                    Ok(()) => "the VM boots again here from its own disks".to_string(),
+                    Err(boot) => format!("booting it again here failed too: {boot:#}"),
+                },
             };
             Err(e.context(format!("the cold move of {} to {} failed; {state}", req.vm, req.to)))
         }
     }
+}
+
+/// Asks the destination, for up to half a minute, whether it runs the VM.
+async fn destination_runs(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: ferry_proto::MigrationId) -> Option<bool> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Ok(Some((running, _)))) = tokio::time::timeout(Duration::from_secs(5), super::doubt::ask(ctx, &req.vm, &req.to, migration)).await {
+            return Some(running);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    None
 }

@@ -43,6 +43,31 @@ pub fn object_name(vm: &str, disk: &DiskSpec) -> String {
     format!("vms/{vm}/{file}")
 }
 
+/// Two disks of one VM named alike would land on one file at the destination.
+pub fn refuse_shared_names(spec: &VmSpec) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for d in &spec.disks {
+        if !seen.insert(object_name(&spec.name, d)) {
+            bail!("VM {}: two of its disks are named {:?}; ferry keeps a VM's disks by file name at the destination — rename one (nothing was changed)", spec.name, d.path.file_name().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// Before any disk data goes: the destination must not run a VM of this name (its disk would
+/// be the one replaced).
+pub async fn refuse_if_destination_runs(ctx: &SourceContext<'_>, vm: &str, to: &str) -> Result<()> {
+    // A fresh migration ID: the destination does not know it, so it answers from the VMs it runs.
+    if let Some((true, _)) = super::doubt::ask(ctx, vm, to, crate::session::rand_bytes()).await? {
+        bail!("{to} already runs a VM named {vm} (nothing was changed)");
+    }
+    Ok(())
+}
+
+/// Disk-record batches waiting for the pump: the follower waits (and its next round finds the
+/// blocks again) rather than the agent holding a backlog.
+pub const PUMP_QUEUE: usize = 8;
+
 /// The destination's view of the spec: each disk at its place under this site's data dir.
 pub fn arrive(spec: &mut VmSpec, data_dir: &Path) {
     let vm = spec.name.clone();
@@ -126,6 +151,7 @@ impl DiskMove {
         if spec.disks.len() > u8::MAX as usize {
             bail!("VM {} has more disks than ferry moves", spec.name);
         }
+        refuse_shared_names(spec)?;
         for d in &spec.disks {
             if d.format != "raw" {
                 bail!("VM {}: disk {} is {}; ferry moves raw disks live (qcow2 is not done yet) — nothing was changed", spec.name, d.path.display(), d.format);
@@ -214,7 +240,7 @@ impl DiskMove {
     /// Keeps the destination's disks following the source's until QEMU pauses before the
     /// switchover; then sends the rest and lets QEMU go on. Returns when QEMU continued (or the
     /// migration ended some other way, which the caller learns from QEMU).
-    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::Sender<PumpInput>) -> Result<()> {
+    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>) -> Result<()> {
         let mut last = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -258,7 +284,7 @@ impl DiskMove {
 
     /// Freezes the current bitmap (a fresh one records from the same instant, unless this is the
     /// last round and the VM stands still), and sends the blocks it marks as they are now.
-    async fn round(&mut self, ctx: &SourceContext<'_>, pump: &std::sync::mpsc::Sender<PumpInput>, last: bool) -> Result<u64> {
+    async fn round(&mut self, ctx: &SourceContext<'_>, pump: &std::sync::mpsc::SyncSender<PumpInput>, last: bool) -> Result<u64> {
         let g = self.generation;
         {
             let mut qmp = ctx.vms.qmp(&self.vm).await?;
@@ -299,7 +325,7 @@ fn export_id(disk: u8, generation: u32) -> String {
 }
 
 /// Reads the ranges a frozen bitmap marks and hands them to the pump as disk records.
-fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::sync::mpsc::Sender<PumpInput>) -> Result<u64> {
+fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::sync::mpsc::SyncSender<PumpInput>) -> Result<u64> {
     let context = format!("qemu:dirty-bitmap:{bitmap}");
     let mut nbd = NbdClient::connect(socket, export, &[&context])?;
     let ranges = nbd.dirty_ranges(&context)?;
@@ -331,6 +357,8 @@ fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::s
 pub struct DiskWriter {
     files: Vec<File>,
     paths: Vec<PathBuf>,
+    /// Records written since the last sync.
+    unsynced: std::sync::atomic::AtomicBool,
     /// FERRY_FAULT=disk-record-corrupt: the first record is written with a byte flipped, so
     /// the tests can show that verification catches a copy that went wrong.
     corrupt_one: std::sync::atomic::AtomicBool,
@@ -343,7 +371,7 @@ impl DiskWriter {
             files.push(std::fs::OpenOptions::new().read(true).write(true).open(&d.path).with_context(|| format!("opening {} to follow the source's writes", d.path.display()))?);
         }
         let corrupt_one = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "disk-record-corrupt");
-        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), corrupt_one: corrupt_one.into() })
+        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), unsynced: false.into(), corrupt_one: corrupt_one.into() })
     }
 
     pub fn apply(&self, w: DiskWrite<'_>) -> Result<()> {
@@ -358,6 +386,7 @@ impl DiskWriter {
             bail!("a record for {}+{len} lies outside disk {disk} ({size} bytes)", offset);
         }
         let path = &self.paths[disk as usize];
+        self.unsynced.store(true, std::sync::atomic::Ordering::Relaxed);
         match w {
             DiskWrite::Data { data, .. } if self.corrupt_one.swap(false, std::sync::atomic::Ordering::Relaxed) => {
                 tracing::error!("FERRY_FAULT=disk-record-corrupt: a disk record is written with a byte flipped");
@@ -369,10 +398,15 @@ impl DiskWriter {
             DiskWrite::Zero { .. } => {
                 // Stays sparse: the range is released, and reads as zeros.
                 let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64) };
-                if r != 0 {
-                    return Err(write_error(std::io::Error::last_os_error(), path));
+                if r == 0 {
+                    return Ok(());
                 }
-                Ok(())
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(write_error(e, path));
+                }
+                // A filesystem without holes: the zeros are written.
+                file.write_all_at(&vec![0u8; len as usize], offset).map_err(|e| write_error(e, path))
             }
             DiskWrite::Digest { .. } => unreachable!("handled above"),
         }
@@ -386,6 +420,15 @@ impl DiskWriter {
             bail!("disk {} differs from the source's at switchover (digest {} here, {} there): the VM does not run here", self.paths[disk as usize].display(), hex(&ours[..8]), hex(&digest[..8]));
         }
         tracing::info!(disk = %self.paths[disk as usize].display(), "the disk equals the source's at switchover");
+        Ok(())
+    }
+
+    /// Before any stream byte that follows disk records reaches QEMU: once QEMU has it all, it
+    /// runs the VM, and the source's copy ends, so what the guest had written must be on disk.
+    pub fn sync_if_written(&self) -> Result<()> {
+        if self.unsynced.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            self.sync()?;
+        }
         Ok(())
     }
 

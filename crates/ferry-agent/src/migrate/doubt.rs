@@ -50,7 +50,7 @@ pub fn read(vm_dir: &Path) -> Option<(MigrationId, String)> {
 
 /// The destination's word on a migration: `Some(running)` once decided, `None` while it is
 /// still under way there.
-async fn ask(ctx: &SourceContext<'_>, vm: &str, to: &str, migration: MigrationId) -> Result<Option<(bool, String)>> {
+pub async fn ask(ctx: &SourceContext<'_>, vm: &str, to: &str, migration: MigrationId) -> Result<Option<(bool, String)>> {
     let (mut conns, _) = session::open(ctx.cfg, ctx.identity, ctx.warm, to, Arc::new(WireCounter::default())).await?;
     let conn = conns.first_mut().context("no connection")?;
     // An empty spec asks how the migration ended; it never starts anything.

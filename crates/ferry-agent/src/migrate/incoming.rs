@@ -303,7 +303,10 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     }
     if cold {
         // Its disks arrived whole and verified: it boots, and that is the whole move.
-        shared.vms.start(&spec, false).await?;
+        if let Err(e) = shared.vms.start(&spec, false).await {
+            inc.finish(false, format!("{e:#}"));
+            return Err(e);
+        }
         inc.finish(true, String::new());
         return Ok(Bytes::new());
     }
@@ -413,6 +416,9 @@ fn write_stream(
     while let Some(b) = batches.blocking_recv() {
         out.clear();
         decode(&b, store, &inc.peer, |p| page_id(key, p), &mut fetch, &mut |w| disks.apply(w), &mut out, &mut stats)?;
+        if !out.is_empty() {
+            disks.sync_if_written()?;
+        }
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
         written += out.len() as u64;
         if written - acked >= ACK_EVERY || batches.is_empty() {

@@ -120,11 +120,15 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
     let mut enc = BatchEncoder::default();
     let mut failed: Option<anyhow::Error> = None;
     loop {
-        // While QEMU is quiet (and always while it waits before the switchover), disk records.
+        // Disk records go between QEMU's writes as they come (QEMU's socket is rarely quiet while
+        // the window is full), and while QEMU is quiet, as soon as they come (always so while it
+        // waits before the switchover, when the last ones must pass).
+        let mut waited = false;
         while let Some(rx) = &disk {
-            if more_within(&qemu, 5) {
+            if waited && more_within(&qemu, 5) {
                 break;
             }
+            waited = true;
             loop {
                 match rx.try_recv() {
                     Ok(PumpInput::Records(records)) => {
@@ -350,6 +354,8 @@ pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migra
                     held.extend(h.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap())));
                     break;
                 }
+                // A connection that opened after a cold move's VM already booted there.
+                Message::MigrateOutcome { running: true, .. } => break,
                 Message::Ping { .. } | Message::Pong { .. } | Message::HelloAck { .. } => {}
                 other => bail!("unexpected {} from {} before it was ready", other.kind(), req.to),
             }
@@ -369,6 +375,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     // destination's QEMU can only start once its copies exist.
     let mut disks = None;
     if !spec.disks.is_empty() {
+        super::disks::refuse_if_destination_runs(ctx, &req.vm, &req.to).await?;
         let mut mv = DiskMove::begin(ctx, &spec).await?;
         mv.verify = req.verify_disks;
         if let Err(e) = mv.bulk(ctx, &req.to, &events).await {
@@ -401,6 +408,36 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let connections = conns.len();
     let _ = events.send(Event::Started { size: spec.memory_mib as u64 * (1 << 20), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
 
+    let started_qemu = start_qemu_migration(ctx, &req, migration, rtt, disks.is_some()).await;
+    let qemu = match started_qemu {
+        Ok(q) => q,
+        Err(e) => {
+            if let Some(mv) = &disks {
+                mv.end_with(ctx).await;
+            }
+            return Err(e.context(format!("the VM {} keeps running here", req.vm)));
+        }
+    };
+    let st = Arc::new(PumpState::default());
+    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut()).await;
+    match outcome {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = qemu.shutdown(std::net::Shutdown::Both);
+            let state = recover_source(ctx, &req, migration).await;
+            if let Some(mv) = &disks {
+                mv.end_with(ctx).await;
+            }
+            doubt::clear(&ctx.vms.dir(&req.vm));
+            return Err(e.context(format!("migration of {} to {} failed; {state}", req.vm, req.to)));
+        }
+    }
+    finish_move(ctx, &req, rtt, connections, &counter, &st, started, &spec, disks).await
+}
+
+/// Points the source QEMU at a socket pair and starts its migration; returns the agent's end.
+async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, rtt: Duration, with_disks: bool) -> Result<UnixStream> {
+    let disks = with_disks.then_some(());
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
     // With disks, QEMU waits before the switchover for the last dirty blocks to be on their way.
@@ -420,22 +457,13 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         doubt::clear(&dir);
         return Err(e);
     }
-    drop(qmp);
-    let st = Arc::new(PumpState::default());
-    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut()).await;
-    match outcome {
-        Ok(()) => {}
-        Err(e) => {
-            let _ = qemu.shutdown(std::net::Shutdown::Both);
-            let state = recover_source(ctx, &req, migration).await;
-            if let Some(mv) = &disks {
-                mv.end_with(ctx).await;
-            }
-            doubt::clear(&dir);
-            return Err(e.context(format!("migration of {} to {} failed; {state}", req.vm, req.to)));
-        }
-    }
-    // The destination runs the VM: the source's copy ends here.
+    Ok(qemu)
+}
+
+/// The destination runs the VM: the source's copy ends, and what the move did is summed up.
+#[allow(clippy::too_many_arguments)]
+async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duration, connections: usize, counter: &Arc<WireCounter>, st: &Arc<PumpState>, started: Instant, spec: &crate::vm::VmSpec, disks: Option<DiskMove>) -> Result<MigrateSummary> {
+    let dir = ctx.vms.dir(&req.vm);
     let mut qemu_downtime_ms = None;
     let mut qemu_total_ms = None;
     for _ in 0..100 {
@@ -531,7 +559,7 @@ async fn relay(
     let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held };
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
     let pump_window = window.clone();
-    let (disk_tx, disk_rx) = std::sync::mpsc::channel();
+    let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel(super::disks::PUMP_QUEUE);
     let disk_rx = disks.is_some().then_some(disk_rx);
     let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st, disk_rx));
     // Polled beside the loop below, never as one of its branches: a branch's body that waits
