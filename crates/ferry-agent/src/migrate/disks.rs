@@ -180,6 +180,7 @@ impl DiskMove {
         let actions: Vec<_> = mv.disks.iter().map(|d| json!({"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": bitmap(0), "granularity": GRANULARITY}})).collect();
         qmp.execute("transaction", json!({ "actions": actions })).await.context("starting dirty tracking on the VM's disks")?;
         let _ = std::fs::remove_file(&mv.nbd_socket);
+        // QEMU 10 takes the address in its {type, data} form here.
         if let Err(e) = qmp.execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": mv.nbd_socket}}})).await {
             mv.end(&mut qmp).await;
             return Err(e.context("starting the source QEMU's NBD server"));
@@ -284,6 +285,8 @@ impl DiskMove {
 
     /// Freezes the current bitmap (a fresh one records from the same instant, unless this is the
     /// last round and the VM stands still), and sends the blocks it marks as they are now.
+    /// Frozen because QEMU refuses a read-only export of an enabled bitmap; and a bitmap stays
+    /// locked while an export holds it, so each generation gets its own export.
     async fn round(&mut self, ctx: &SourceContext<'_>, pump: &std::sync::mpsc::SyncSender<PumpInput>, last: bool) -> Result<u64> {
         let g = self.generation;
         {

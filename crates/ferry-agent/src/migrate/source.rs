@@ -567,10 +567,10 @@ async fn relay(
     let follow = async move {
         match disks {
             Some(d) => match d.follow(ctx, disk_tx).await {
-                Ok(()) => std::future::pending().await,
+                Ok(()) => std::future::pending::<Result<()>>().await,
                 Err(e) => Err(e.context("keeping the destination's disks up to date")),
             },
-            None => std::future::pending().await,
+            None => std::future::pending::<Result<()>>().await,
         }
     };
     let mut rp_sock = qemu;
@@ -635,9 +635,17 @@ async fn relay(
             }
         }
     } };
-    let result = tokio::select! {
-        r = relay_loop => r,
-        r = follow => r,
+    let result = {
+        tokio::pin!(relay_loop);
+        tokio::select! {
+            r = &mut relay_loop => r,
+            // The follower fails too when the session or the pump dies: the loop's own reason
+            // (the destination's word, a closed connection) says more, if it comes at once.
+            Err(e) = follow => match tokio::time::timeout(Duration::from_secs(1), &mut relay_loop).await {
+                Ok(Err(why)) => Err(why),
+                _ => Err(e),
+            },
+        }
     };
     tasks.abort_all();
     window.close();
