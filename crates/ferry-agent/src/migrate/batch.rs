@@ -175,7 +175,7 @@ pub fn decode(
                 if !held {
                     let page = fetch(&id)?;
                     if page.len() != PAGE || page_id(&page) != id {
-                        bail!("the source referred to page {} which neither side holds", hex(&id[..8]));
+                        bail!("the source referred to page {} which neither side holds", ferry_transfer::sender::hex(&id[..8]));
                     }
                     store.lock().unwrap().insert(&id, &page)?;
                     out[start..].copy_from_slice(&page);
@@ -208,10 +208,6 @@ pub fn decode(
         }
     }
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 //! through the transfer engine (only what the destination lacks; each disk verified by digest
 //! before it is committed there), and the destination boots it. Whatever fails, the source
 //! boots the VM again from its own disks, which the move only read.
-use super::disks::{object_name, refuse_if_destination_runs, refuse_shared_names, DiskSummary};
+use super::disks::{disk_send, refuse_if_destination_runs, refuse_shared_names, DiskSummary};
 use super::source::{prepare, SourceContext};
 use super::{Arrival, MigrateRequest, MigrateSummary};
-use crate::control::{self, Event, SendRequest};
+use crate::control::{self, Event};
 use crate::session::{self, WireCounter};
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -26,8 +26,7 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
     let moved = async {
         let mut summary = DiskSummary { disks: spec.disks.len(), ..Default::default() };
         for d in &spec.disks {
-            let send = SendRequest { source: d.path.clone(), to: req.to.clone(), dest_path: object_name(&spec.name, d), base: d.base.clone(), block: 64 << 10, cdc: false, zstd_level: 1, retries: 2, live: false };
-            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, send, events.clone()).await.with_context(|| format!("sending disk {}", d.path.display()))?;
+            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, disk_send(&spec.name, d, &req.to, false), events.clone()).await.with_context(|| format!("sending disk {}", d.path.display()))?;
             summary.bytes += sent.size;
             summary.bulk_sent += sent.progress.sent_payload;
             summary.bulk_reused += sent.progress.reused;

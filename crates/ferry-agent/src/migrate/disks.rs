@@ -68,6 +68,12 @@ pub async fn refuse_if_destination_runs(ctx: &SourceContext<'_>, vm: &str, to: &
 /// blocks again) rather than the agent holding a backlog.
 pub const PUMP_QUEUE: usize = 8;
 
+/// How a disk goes through the transfer engine, live (its bulk pass) or cold: to its place at
+/// the destination, in the dirty bitmap's blocks, its base counting.
+pub fn disk_send(vm: &str, disk: &DiskSpec, to: &str, live: bool) -> SendRequest {
+    SendRequest { source: disk.path.clone(), to: to.to_string(), dest_path: object_name(vm, disk), base: disk.base.clone(), block: GRANULARITY as u32, cdc: false, zstd_level: 1, retries: 2, live }
+}
+
 /// The destination's view of the spec: each disk at its place under this site's data dir.
 pub fn arrive(spec: &mut VmSpec, data_dir: &Path) {
     let vm = spec.name.clone();
@@ -125,10 +131,8 @@ pub struct DiskSummary {
 #[derive(Clone)]
 struct Moving {
     index: u8,
-    path: PathBuf,
+    spec: DiskSpec,
     node: String,
-    object: String,
-    base: Option<String>,
 }
 
 pub struct DiskMove {
@@ -163,7 +167,7 @@ impl DiskMove {
         for (i, d) in spec.disks.iter().enumerate() {
             let device = format!("disk{i}");
             let node = blocks.as_array().into_iter().flatten().find(|b| b["device"] == device.as_str()).and_then(|b| b["inserted"]["node-name"].as_str()).with_context(|| format!("QEMU has no block device {device}"))?;
-            disks.push(Moving { index: i as u8, path: d.path.clone(), node: node.to_string(), object: object_name(&spec.name, d), base: d.base.clone() });
+            disks.push(Moving { index: i as u8, spec: d.clone(), node: node.to_string() });
         }
         let nbd_socket = ctx.vms.dir(&spec.name).join("nbd.sock");
         let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() } };
@@ -214,7 +218,7 @@ impl DiskMove {
     pub async fn bulk(&mut self, ctx: &SourceContext<'_>, to: &str, events: &mpsc::UnboundedSender<Event>) -> Result<()> {
         let started = Instant::now();
         for d in &self.disks {
-            let req = SendRequest { source: d.path.clone(), to: to.to_string(), dest_path: d.object.clone(), base: d.base.clone(), block: GRANULARITY as u32, cdc: false, zstd_level: 1, retries: 2, live: true };
+            let req = disk_send(&self.vm, &d.spec, to, true);
             let (tx, mut rx) = mpsc::unbounded_channel();
             let forward = {
                 let events = events.clone();
@@ -229,7 +233,7 @@ impl DiskMove {
             };
             let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, req, tx).await;
             forward.abort();
-            let sent = sent.with_context(|| format!("sending disk {} to {to}", d.path.display()))?;
+            let sent = sent.with_context(|| format!("sending disk {} to {to}", d.spec.path.display()))?;
             self.summary.bytes += sent.size;
             self.summary.bulk_sent += sent.progress.sent_payload;
             self.summary.bulk_reused += sent.progress.reused;
@@ -251,7 +255,7 @@ impl DiskMove {
                     let paused = Instant::now();
                     let bytes = self.round(ctx, &pump, true).await?;
                     if self.verify {
-                        let disks: Vec<(u8, PathBuf)> = self.disks.iter().map(|d| (d.index, d.path.clone())).collect();
+                        let disks: Vec<(u8, PathBuf)> = self.disks.iter().map(|d| (d.index, d.spec.path.clone())).collect();
                         let pump = pump.clone();
                         tokio::task::spawn_blocking(move || -> Result<()> {
                             let mut enc = BatchEncoder::default();
@@ -360,6 +364,8 @@ fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::s
 pub struct DiskWriter {
     files: Vec<File>,
     paths: Vec<PathBuf>,
+    /// Each disk's size: a record must lie inside it (read once; the copies do not grow).
+    sizes: Vec<u64>,
     /// Records written since the last sync.
     unsynced: std::sync::atomic::AtomicBool,
     /// FERRY_FAULT=disk-record-corrupt: the first record is written with a byte flipped, so
@@ -374,7 +380,8 @@ impl DiskWriter {
             files.push(std::fs::OpenOptions::new().read(true).write(true).open(&d.path).with_context(|| format!("opening {} to follow the source's writes", d.path.display()))?);
         }
         let corrupt_one = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "disk-record-corrupt");
-        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), unsynced: false.into(), corrupt_one: corrupt_one.into() })
+        let sizes = files.iter().map(|f| f.metadata().map(|m| m.len())).collect::<std::io::Result<_>>()?;
+        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), sizes, unsynced: false.into(), corrupt_one: corrupt_one.into() })
     }
 
     pub fn apply(&self, w: DiskWrite<'_>) -> Result<()> {
@@ -384,7 +391,7 @@ impl DiskWriter {
             DiskWrite::Digest { disk, digest } => return self.verify(disk, &digest),
         };
         let file = self.files.get(disk as usize).with_context(|| format!("a record for disk {disk}, which the VM does not have"))?;
-        let size = file.metadata()?.len();
+        let size = self.sizes[disk as usize];
         if offset.checked_add(len).is_none_or(|end| end > size) {
             bail!("a record for {}+{len} lies outside disk {disk} ({size} bytes)", offset);
         }
@@ -420,7 +427,7 @@ impl DiskWriter {
         let file = self.files.get(disk as usize).with_context(|| format!("a digest for disk {disk}, which the VM does not have"))?;
         let ours = disk_digest(file)?;
         if &ours != digest {
-            bail!("disk {} differs from the source's at switchover (digest {} here, {} there): the VM does not run here", self.paths[disk as usize].display(), hex(&ours[..8]), hex(&digest[..8]));
+            bail!("disk {} differs from the source's at switchover (digest {} here, {} there): the VM does not run here", self.paths[disk as usize].display(), ferry_transfer::sender::hex(&ours[..8]), ferry_transfer::sender::hex(&digest[..8]));
         }
         tracing::info!(disk = %self.paths[disk as usize].display(), "the disk equals the source's at switchover");
         Ok(())
@@ -456,10 +463,6 @@ pub fn disk_digest(file: &File) -> Result<[u8; 32]> {
         at += n as u64;
     }
     Ok(*h.finalize().as_bytes())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn write_error(e: std::io::Error, path: &Path) -> anyhow::Error {

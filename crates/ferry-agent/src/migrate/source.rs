@@ -437,11 +437,10 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
 
 /// Points the source QEMU at a socket pair and starts its migration; returns the agent's end.
 async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, rtt: Duration, with_disks: bool) -> Result<UnixStream> {
-    let disks = with_disks.then_some(());
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
     // With disks, QEMU waits before the switchover for the last dirty blocks to be on their way.
-    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": disks.is_some()}]})).await?;
+    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}]})).await?;
     let downtime_limit = downtime_limit_ms(req.downtime_ms, rtt);
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
     // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
