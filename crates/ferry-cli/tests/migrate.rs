@@ -21,28 +21,6 @@ fn write_spec(dir: &Path, name: &str, workload: &str) -> PathBuf {
     path
 }
 
-fn vm(sites: &Sites, site: &str, args: &[&str]) -> std::process::Output {
-    let data = sites.data(site);
-    ferry().arg("vm").args(args).args(["--data", data.to_str().unwrap()]).output().unwrap()
-}
-
-fn vm_ok(sites: &Sites, site: &str, args: &[&str]) -> String {
-    let out = vm(sites, site, args);
-    assert!(out.status.success(), "ferry vm {args:?} at {site}:\n{}\nagent a:\n{}\nagent b:\n{}", text(&out), tail(&sites.agent_log("a")), tail(&sites.agent_log("b")));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// The VMs a site runs, by name → (pid, state).
-fn vms(sites: &Sites, site: &str) -> Vec<(String, u64, String)> {
-    let v: serde_json::Value = serde_json::from_str(&vm_ok(sites, site, &["list", "--json"])).unwrap();
-    v.as_array().unwrap().iter().map(|x| (x["name"].as_str().unwrap().to_string(), x["pid"].as_u64().unwrap(), x["state"].as_str().unwrap().to_string())).collect()
-}
-
 fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
 }
@@ -64,13 +42,6 @@ fn wait_heartbeat_after(sites: &Sites, site: &str, seq: u64, within: Duration) -
         assert!(Instant::now() < deadline, "the guest at {site} did not beat past {seq}; console:\n{}", String::from_utf8_lossy(&vm(sites, site, &["console", "g1"]).stdout));
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// QEMU processes running this test's g1 (at either site).
-fn qemu_copies(sites: &Sites) -> usize {
-    let pattern = format!("qemu-system-x86_64 -name g1 .*{}", sites.root.display());
-    let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 fn migrate(sites: &Sites, from: &str, to: &str) -> serde_json::Value {

@@ -56,22 +56,6 @@ fn write_spec_ring(dir: &Path, disk: &Path, memory: &str, ring_at: u64) -> PathB
     path
 }
 
-fn vm(sites: &Sites, site: &str, args: &[&str]) -> std::process::Output {
-    let data = sites.data(site);
-    ferry().arg("vm").args(args).args(["--data", data.to_str().unwrap()]).output().unwrap()
-}
-
-fn vm_ok(sites: &Sites, site: &str, args: &[&str]) -> String {
-    let out = vm(sites, site, args);
-    assert!(out.status.success(), "ferry vm {args:?} at {site}:\n{}\nagent a:\n{}\nagent b:\n{}", text(&out), tail(&sites.agent_log("a")), tail(&sites.agent_log("b")));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
 /// The guest's latest count of disk records written, from its console at `site`.
 fn disk_seq(sites: &Sites, site: &str) -> Option<u64> {
     let console = String::from_utf8_lossy(&vm(sites, site, &["console", "g1", "--lines", "400"]).stdout).into_owned();
@@ -101,12 +85,6 @@ fn hash_range(path: &Path, start: u64, end: u64) -> String {
         at += n as u64;
     }
     h.finalize().to_hex().to_string()
-}
-
-fn qemu_copies(sites: &Sites) -> usize {
-    let pattern = format!("qemu-system-x86_64 -name g1 .*{}", sites.root.display());
-    let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 #[test]
@@ -168,8 +146,8 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     assert!(cold["cold"].as_bool().unwrap(), "{cold}");
     // a indexed the copy the VM left there when it moved out: no hashing it again to find it.
     assert!(sites.agent_log("a").contains("the disk the VM left here is in the content store"), "{}", tail(&sites.agent_log("a")));
-    assert!(vms(&sites, "b").is_empty());
-    assert_eq!(vms(&sites, "a"), vec![("g1".to_string(), "running".to_string())]);
+    assert!(states(&sites, "b").is_empty());
+    assert_eq!(states(&sites, "a"), vec![("g1".to_string(), "running".to_string())]);
     assert!(cold["disks"]["bulk_reused"].as_u64().unwrap() >= 60 << 20, "{cold}");
     assert!(cold["disks"]["bulk_sent"].as_u64().unwrap() < 8 << 20, "{cold}");
     let booted = disk_seq(&sites, "a").unwrap_or(0);
@@ -182,9 +160,9 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     assert_eq!(hash_range(&disk_b, ring2 + RING, DISK), hash_range(&disk_a, ring2 + RING, DISK));
 }
 
-fn vms(sites: &Sites, site: &str) -> Vec<(String, String)> {
-    let v: serde_json::Value = serde_json::from_str(&vm_ok(sites, site, &["list", "--json"])).unwrap();
-    v.as_array().unwrap().iter().map(|x| (x["name"].as_str().unwrap().to_string(), x["state"].as_str().unwrap().to_string())).collect()
+/// The VMs a site runs, by name → state.
+fn states(sites: &Sites, site: &str) -> Vec<(String, String)> {
+    vms(sites, site).into_iter().map(|(name, _, state)| (name, state)).collect()
 }
 
 /// The move failed clearly, and the guest runs on at a, still writing its disk.
@@ -192,7 +170,7 @@ fn assert_source_runs_on(sites: &Sites, out: std::process::Output, why: &str, ex
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{why}: the migration should fail:\n{}", text(&out));
     assert!(err.contains("keeps running here") && err.contains(expect_in_error), "{why}: {err}");
-    assert_eq!(vms(sites, "a"), vec![("g1".to_string(), "running".to_string())], "{why}");
+    assert_eq!(states(sites, "a"), vec![("g1".to_string(), "running".to_string())], "{why}");
     let seq = disk_seq(sites, "a").unwrap();
     wait_disk_seq_past(sites, "a", seq + 1, Duration::from_secs(20));
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -229,13 +207,13 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     let _ = std::process::Command::new("umount").arg(&vms_b).status();
     sites.start_agent("b", &pki);
     assert_source_runs_on(&sites, out, "destination disk full", "full");
-    assert!(vms(&sites, "b").is_empty());
+    assert!(states(&sites, "b").is_empty());
 
     // The link goes down while RAM and the guest's writes are on their way.
     let data = sites.data("a");
     let child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while vms(&sites, "b").first().is_none_or(|(_, state)| state != "inmigrate") {
+    while states(&sites, "b").first().is_none_or(|(_, state)| state != "inmigrate") {
         assert!(Instant::now() < deadline, "b never started receiving:\n{}", tail(&sites.agent_log("a")));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -243,7 +221,7 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     sites.lab.ferry(&["link", "a-b", "down"]);
     assert_source_runs_on(&sites, child.wait_with_output().unwrap(), "cut link", "");
     // What b kept is no VM of its own: it runs nothing, and its copy only serves the next try.
-    assert!(vms(&sites, "b").is_empty());
+    assert!(states(&sites, "b").is_empty());
     sites.lab.ferry(&["link", "a-b", "up"]);
 
     // b writes one of the guest's blocks wrong (fault injection): the digests compared in the
@@ -253,7 +231,7 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     std::thread::sleep(Duration::from_secs(3));
     let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--verify-disks"]);
     assert_source_runs_on(&sites, out, "a corrupt copy", "differs from the source's at switchover");
-    assert!(vms(&sites, "b").is_empty());
+    assert!(states(&sites, "b").is_empty());
     sites.kill_agent("b");
     sites.start_agent("b", &pki);
 

@@ -4,8 +4,11 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 
 mod sites;
+mod vm;
 #[allow(unused_imports)]
 pub use sites::Sites;
+#[allow(unused_imports)]
+pub use vm::{qemu_copies, tail, vm, vm_ok, vms};
 
 pub fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
