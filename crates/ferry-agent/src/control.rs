@@ -152,7 +152,7 @@ async fn handle(stream: UnixStream, agent: &Agent) -> Result<()> {
             let ev = indexed.map_or_else(|e| Event::Failed { error: format!("{e:#}") }, |message| Event::Ok { message });
             return emit(&mut write, &ev).await;
         }
-        Request::Send(req) => Box::pin(async move { run_send(cfg, identity, warm, req, tx).await.map_or_else(failed, Event::Done) }),
+        Request::Send(req) => Box::pin(async move { run_send(cfg, identity, warm, req, None, tx).await.map_or_else(failed, Event::Done) }),
         Request::VmStart { spec } => Box::pin(async move {
             match agent.vms.start(&spec, false).await {
                 Ok(_) => Event::Ok { message: format!("VM {} started (pid {})", spec.name, agent.vms.pid(&spec.name).unwrap_or(0)) },
@@ -194,7 +194,7 @@ async fn emit(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &Event) -> Result<()
 
 /// Sends with resumption: a failed attempt leaves the destination's staging file, and the next
 /// attempt (same transfer ID) sends only what is not there yet.
-pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
+pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, on_sent: Option<ferry_transfer::sender::SentBlocks>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
     let meta = std::fs::metadata(&req.source).with_context(|| format!("reading {}", req.source.display()))?;
     let transfer = transfer_id(&cfg.site, &req, meta.len(), meta.modified().ok());
     let progress = Arc::new(Progress::default());
@@ -208,7 +208,7 @@ pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm
             let (conns, rtt) = session::open(cfg, identity, warm, &req.to, counter.clone()).await?;
             let connections = conns.len();
             let _ = events.send(Event::Started { size: meta.len(), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
-            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live };
+            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live, on_sent: on_sent.clone() };
             let ticker = {
                 let (p, c, ev) = (attempt_progress.clone(), counter.clone(), events.clone());
                 tokio::spawn(async move {

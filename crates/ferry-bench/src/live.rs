@@ -299,6 +299,7 @@ impl Ctx<'_> {
         row.stream_bytes = s["stream_bytes"].as_u64();
         row.pages_sent = s["pages_sent"].as_u64();
         row.pages_referenced = s["pages_referenced"].as_u64();
+        row.pages_from_disk = s["pages_from_disk"].as_u64();
         row.agents_cpu_s = Some(mv.cpu_ns as f64 / 1e9);
         (row.cpu_ns_per_byte, row.cpu_cycles_per_byte) = crate::cpu::per_byte(mv.cpu_ns, row.stream_bytes.unwrap_or(0), crate::cpu::cpu_mhz());
         if let Some(o) = s["opaque"].as_str() {

@@ -38,6 +38,9 @@ pub struct LiveRow {
     pub stream_bytes: Option<u64>,
     pub pages_sent: Option<u64>,
     pub pages_referenced: Option<u64>,
+    /// Pages sent as a place on a disk the destination was sent (moves with disks).
+    #[serde(default)]
+    pub pages_from_disk: Option<u64>,
     pub guest_ok: bool,
     pub guest_check: String,
     /// Both agents' CPU time during a ferry migration, per byte of QEMU's stream.

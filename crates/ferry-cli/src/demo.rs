@@ -161,7 +161,7 @@ impl<'a> Demo<'a> {
             mb(wire),
             100.0 * wire as f64 / n("stream_bytes").max(1) as f64
         );
-        println!("   pages: {} sent, {} by reference, {} zero", n("pages_sent"), n("pages_referenced"), n("pages_zero"));
+        println!("   pages: {} sent, {} by reference, {} from the moved disk, {} zero", n("pages_sent"), n("pages_referenced"), n("pages_from_disk"), n("pages_zero"));
         let d = &s["disks"];
         if d.is_object() {
             let dn = |k: &str| d[k].as_u64().unwrap_or(0);

@@ -162,7 +162,7 @@ fn print_summary(s: &MigrateSummary) {
 fn print_live(s: &MigrateSummary) {
     let downtime = s.qemu_downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms"));
     println!("  QEMU's stream {:.1} MB → on the wire {:.1} MB ({:.1} %) · QEMU downtime {downtime}", mb(s.stream_bytes), mb(s.wire_sent), 100.0 * s.wire_sent as f64 / s.stream_bytes.max(1) as f64);
-    println!("  pages: {} sent, {} by reference, {} zero · {:.1} MB other state", s.pages_sent, s.pages_referenced, s.pages_zero, mb(s.literal_bytes));
+    println!("  pages: {} sent, {} by reference, {} from the moved disks, {} zero · {:.1} MB other state", s.pages_sent, s.pages_referenced, s.pages_from_disk, s.pages_zero, mb(s.literal_bytes));
     if let Some(o) = &s.opaque {
         println!("  part of the stream was carried opaque: {o}");
     }

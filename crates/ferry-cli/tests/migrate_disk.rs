@@ -118,6 +118,9 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     assert!(n("bulk_reused") >= 56 << 20, "{d}");
     assert!(n("bulk_sent") < 24 << 20, "{d}");
     assert!(n("rounds") >= 1, "{d}");
+    // The guest's page cache holds the records it wrote, which b's copy was sent: those pages
+    // travel as places on that disk (read back and checked there, as the records show below).
+    assert!(moved["pages_from_disk"].as_u64().unwrap() > 0, "{moved}");
 
     // The guest goes on writing at b; then it stops, so that its disk can be read whole.
     let at_b = wait_disk_seq_past(&sites, "b", before + 2, Duration::from_secs(20));

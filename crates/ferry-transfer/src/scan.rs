@@ -184,6 +184,11 @@ pub fn is_zero(data: &[u8]) -> bool {
     prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
 }
 
+/// A 32-byte key derived from `material` for `context` (BLAKE3's key derivation).
+pub fn derive_key(context: &str, material: &[u8]) -> [u8; 32] {
+    blake3::derive_key(context, material)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,9 +281,4 @@ mod tests {
     fn keys_separate_tenants() {
         assert_ne!(ChunkHasher::new([1; 32]).id(b"x"), ChunkHasher::new([2; 32]).id(b"x"));
     }
-}
-
-/// A 32-byte key derived from `material` for `context` (BLAKE3's key derivation).
-pub fn derive_key(context: &str, material: &[u8]) -> [u8; 32] {
-    blake3::derive_key(context, material)
 }

@@ -40,6 +40,20 @@ pub struct SendSpec {
     /// tracks): a block that no longer matches its announced ID goes as it is now, under its
     /// new ID, instead of failing the transfer.
     pub live: bool,
+    /// Told of every block as it goes out (offset, bytes as sent), from the workers that read
+    /// them: the caller learns what the receiver now holds where.
+    pub on_sent: Option<SentBlocks>,
+}
+
+/// A callback for each block sent (see `SendSpec::on_sent`).
+#[derive(Clone)]
+pub struct SentBlocks(pub Arc<OnSent>);
+pub type OnSent = dyn Fn(u64, &[u8]) + Send + Sync;
+
+impl std::fmt::Debug for SentBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SentBlocks")
+    }
 }
 
 /// Blocks of a live source that changed after they were announced: (round, index) → new ID.
@@ -87,7 +101,8 @@ where
         .map(|_| {
             let (rx, out, file, progress, transfer, level) = (want_rx.clone(), chunk_tx.clone(), file.clone(), progress.clone(), spec.transfer, spec.zstd_level);
             let live = spec.live.then(|| (ChunkHasher::new(spec.tenant_key), changed.clone()));
-            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level, live))
+            let on_sent = spec.on_sent.clone();
+            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level, live, on_sent))
         })
         .collect();
     drop(chunk_tx);
@@ -347,7 +362,8 @@ async fn until_finished(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// A compression worker: reads the wanted blocks in the order they were asked for, compresses
 /// them (raw where that does not pay) and queues the chunks; the bounded queue is the
 /// back-pressure from the sockets.
-fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32, live: Option<(ChunkHasher, Arc<Changed>)>) -> Result<()> {
+#[allow(clippy::too_many_arguments)] // the job queue, its sinks, and how each block is treated
+fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32, live: Option<(ChunkHasher, Arc<Changed>)>, on_sent: Option<SentBlocks>) -> Result<()> {
     let mut compressor = Compressor::new(level)?;
     let mut buf = Vec::new();
     loop {
@@ -366,6 +382,9 @@ fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out:
                     id = now;
                     changed.lock().unwrap().insert((job.round, index), now);
                 }
+            }
+            if let Some(SentBlocks(f)) = &on_sent {
+                f(b.offset, &buf);
             }
             let (encoding, data) = match compressor.compress(&buf)? {
                 Some(z) => (Encoding::Zstd, bytes::Bytes::copy_from_slice(z)),

@@ -3,6 +3,8 @@
 //! destination turns a batch back into exactly the stream bytes it stood for. Records of what
 //! the guest wrote to a local disk ride in the same batches, so they reach the destination's
 //! disk before any stream byte that follows them (the switchover's device state included).
+//! A RAM page equal to a disk block the destination was sent (the guest's page cache holds what
+//! it wrote) travels as the place on that disk.
 use crate::pages::{PageId, PageStore, PAGE};
 use anyhow::{bail, Context, Result};
 use std::sync::Mutex;
@@ -17,13 +19,18 @@ const DISK_DATA: u8 = 4;
 const DISK_ZERO: u8 = 5;
 /// Disk index u8, then the BLAKE3 digest of the whole disk as the source has it at switchover.
 const DISK_DIGEST: u8 = 6;
+/// Disk index u8, offset u64, page ID: a RAM page that reads as the destination's disk at that
+/// offset should (the ID decides: the block may have changed since).
+const DISK_PAGE_REF: u8 = 7;
 
-/// What a disk record asks the destination to do.
-pub enum DiskWrite<'a> {
+/// What a disk record asks of the destination's copy of a disk.
+pub enum DiskOp<'a> {
     Data { disk: u8, offset: u64, data: &'a [u8] },
     Zero { disk: u8, offset: u64, len: u32 },
     /// Check the whole disk against the source's digest before anything that follows.
     Digest { disk: u8, digest: [u8; 32] },
+    /// Read one page of the copy, as it is now, into `out`.
+    ReadPage { disk: u8, offset: u64, out: &'a mut [u8] },
 }
 
 /// A batch being built; consecutive literals merge into one record.
@@ -62,6 +69,15 @@ impl BatchEncoder {
 
     pub fn page_ref(&mut self, id: &PageId) {
         self.record(PAGE_REF, id);
+    }
+
+    /// A page that the destination's copy of `disk` holds at `offset`.
+    pub fn disk_page_ref(&mut self, disk: u8, offset: u64, id: &PageId) {
+        let mut body = [0u8; 41];
+        body[0] = disk;
+        body[1..9].copy_from_slice(&offset.to_be_bytes());
+        body[9..].copy_from_slice(id);
+        self.record(DISK_PAGE_REF, &body);
     }
 
     pub fn zero_page(&mut self) {
@@ -121,6 +137,8 @@ pub struct DecodeStats {
     pub literal_bytes: u64,
     /// References this site could not resolve and asked the source for.
     pub pages_fetched: u64,
+    /// Pages read from this site's copy of a disk.
+    pub pages_disk: u64,
     /// Disk bytes written as data, and as zero ranges.
     pub disk_data: u64,
     pub disk_zero: u64,
@@ -137,7 +155,7 @@ pub fn decode(
     from_peer: &str,
     page_id: impl Fn(&[u8]) -> PageId,
     fetch: &mut dyn FnMut(&PageId) -> Result<Vec<u8>>,
-    disk: &mut dyn FnMut(DiskWrite<'_>) -> Result<()>,
+    disk: &mut dyn FnMut(DiskOp<'_>) -> Result<()>,
     out: &mut Vec<u8>,
     stats: &mut DecodeStats,
 ) -> Result<()> {
@@ -171,17 +189,25 @@ pub fn decode(
                 let id: PageId = batch[take(&mut at, 32)?].try_into().unwrap();
                 let start = out.len();
                 out.resize(start + PAGE, 0);
-                let held = store.lock().unwrap().read(&id, &mut out[start..]).context("reading the page store")?;
-                if !held {
-                    let page = fetch(&id)?;
-                    if page.len() != PAGE || page_id(&page) != id {
-                        bail!("the source referred to page {} which neither side holds", ferry_transfer::sender::hex(&id[..8]));
-                    }
-                    store.lock().unwrap().insert(&id, &page)?;
-                    out[start..].copy_from_slice(&page);
-                    stats.pages_fetched += 1;
+                resolve(&id, store, &page_id, fetch, &mut out[start..], stats)?;
+            }
+            DISK_PAGE_REF => {
+                let r = take(&mut at, 41)?;
+                let (index, offset) = (batch[r.start], u64::from_be_bytes(batch[r.start + 1..r.start + 9].try_into().unwrap()));
+                let id: PageId = batch[r.start + 9..r.end].try_into().unwrap();
+                let start = out.len();
+                out.resize(start + PAGE, 0);
+                let read = disk(DiskOp::ReadPage { disk: index, offset, out: &mut out[start..] });
+                if read.is_ok() && page_id(&out[start..]) == id {
+                    let mut store = store.lock().unwrap();
+                    store.insert(&id, &out[start..])?;
+                    store.note_peer_holds(from_peer, &id)?;
+                    stats.pages_disk += 1;
+                } else {
+                    // The guest wrote the block again since (or this site has no such disk):
+                    // the page is found as any other reference is.
+                    resolve(&id, store, &page_id, fetch, &mut out[start..], stats)?;
                 }
-                stats.pages_ref += 1;
             }
             ZERO_PAGE => {
                 out.resize(out.len() + PAGE, 0);
@@ -189,7 +215,7 @@ pub fn decode(
             }
             DISK_DIGEST => {
                 let r = take(&mut at, 33)?;
-                disk(DiskWrite::Digest { disk: batch[r.start], digest: batch[r.start + 1..r.end].try_into().unwrap() })?;
+                disk(DiskOp::Digest { disk: batch[r.start], digest: batch[r.start + 1..r.end].try_into().unwrap() })?;
             }
             DISK_DATA | DISK_ZERO => {
                 let head = &batch[take(&mut at, 13)?];
@@ -197,16 +223,32 @@ pub fn decode(
                 let offset = u64::from_be_bytes(head[1..9].try_into().unwrap());
                 let len = u32::from_be_bytes(head[9..13].try_into().unwrap());
                 if tag == DISK_DATA {
-                    disk(DiskWrite::Data { disk: index, offset, data: &batch[take(&mut at, len as usize)?] })?;
+                    disk(DiskOp::Data { disk: index, offset, data: &batch[take(&mut at, len as usize)?] })?;
                     stats.disk_data += len as u64;
                 } else {
-                    disk(DiskWrite::Zero { disk: index, offset, len })?;
+                    disk(DiskOp::Zero { disk: index, offset, len })?;
                     stats.disk_zero += len as u64;
                 }
             }
             t => bail!("unknown batch record type {t} at byte {}", at - 1),
         }
     }
+    Ok(())
+}
+
+/// A referenced page into `out`: from the store, else from the source (checked against its ID).
+fn resolve(id: &PageId, store: &Mutex<PageStore>, page_id: &impl Fn(&[u8]) -> PageId, fetch: &mut dyn FnMut(&PageId) -> Result<Vec<u8>>, out: &mut [u8], stats: &mut DecodeStats) -> Result<()> {
+    let held = store.lock().unwrap().read(id, out).context("reading the page store")?;
+    if !held {
+        let page = fetch(id)?;
+        if page.len() != PAGE || page_id(&page) != *id {
+            bail!("the source referred to page {} which neither side holds", ferry_transfer::sender::hex(&id[..8]));
+        }
+        store.lock().unwrap().insert(id, &page)?;
+        out.copy_from_slice(&page);
+        stats.pages_fetched += 1;
+    }
+    stats.pages_ref += 1;
     Ok(())
 }
 
@@ -231,7 +273,7 @@ mod tests {
         let mut out = Vec::new();
         let mut stats = DecodeStats::default();
         let mut no_fetch = |_: &PageId| -> Result<Vec<u8>> { anyhow::bail!("not at the source") };
-        let mut no_disk = |_: DiskWrite<'_>| -> Result<()> { anyhow::bail!("no disk here") };
+        let mut no_disk = |_: DiskOp<'_>| -> Result<()> { anyhow::bail!("no disk here") };
         decode(&first, &store, "a", id, &mut no_fetch, &mut no_disk, &mut out, &mut stats).unwrap();
         let mut want = b"QEVM\0\0\0\x03".to_vec();
         want.extend_from_slice(&a);
@@ -281,11 +323,12 @@ mod tests {
         assert_eq!(len, 4);
         assert_eq!(b.len(), 5 + 2 + (1 + 13 + 100) + (1 + 13) + 5 + 2 + 34, "a zero range travels as its length");
         let mut writes = Vec::new();
-        let mut disk = |w: DiskWrite<'_>| -> Result<()> {
+        let mut disk = |w: DiskOp<'_>| -> Result<()> {
             writes.push(match w {
-                DiskWrite::Data { disk, offset, data } => (disk, offset, data.len() as u32, data[0]),
-                DiskWrite::Zero { disk, offset, len } => (disk, offset, len, 0),
-                DiskWrite::Digest { disk, digest } => (disk, 0, 32, digest[0]),
+                DiskOp::Data { disk, offset, data } => (disk, offset, data.len() as u32, data[0]),
+                DiskOp::Zero { disk, offset, len } => (disk, offset, len, 0),
+                DiskOp::Digest { disk, digest } => (disk, 0, 32, digest[0]),
+                DiskOp::ReadPage { .. } => unreachable!("no page refers to a disk here"),
             });
             Ok(())
         };
@@ -295,8 +338,57 @@ mod tests {
         assert_eq!(out, b"abcd");
         assert_eq!(writes, vec![(1, 1 << 30, 100, 3), (0, 4096, 65536, 0), (2, 0, 32, 9)]);
         assert_eq!((stats.disk_data, stats.disk_zero), (100, 65536));
-        let mut disk = |_: DiskWrite<'_>| -> Result<()> { Ok(()) };
+        let mut disk = |_: DiskOp<'_>| -> Result<()> { Ok(()) };
         assert!(decode(&b[..b.len() - 20], &store, "a", |p| *blake3::hash(p).as_bytes(), &mut no_fetch, &mut disk, &mut Vec::new(), &mut stats).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_page_found_on_the_destinations_disk_is_read_from_there_and_checked() {
+        let dir = std::env::temp_dir().join(format!("ferry-batch-diskref-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Mutex::new(PageStore::open(&dir).unwrap());
+        let id = |p: &[u8]| *blake3::hash(p).as_bytes();
+        // The destination's copy of disk 0: page 1 holds what the guest wrote.
+        let mut copy = vec![0u8; 4 * PAGE];
+        copy[PAGE..2 * PAGE].fill(4);
+        let written = vec![4u8; PAGE];
+        let rewritten = vec![8u8; PAGE];
+        let mut e = BatchEncoder::default();
+        e.disk_page_ref(0, PAGE as u64, &id(&written));
+        // Refers to a page the guest has since written again: the disk no longer holds it.
+        e.disk_page_ref(0, 2 * PAGE as u64, &id(&rewritten));
+        let (b, len) = e.take();
+        assert_eq!((b.len(), len), (2 * 42, 2 * PAGE));
+        let mut disk = |op: DiskOp<'_>| -> Result<()> {
+            match op {
+                DiskOp::ReadPage { disk: 0, offset, out } => {
+                    out.copy_from_slice(&copy[offset as usize..offset as usize + PAGE]);
+                    Ok(())
+                }
+                _ => anyhow::bail!("unexpected disk op"),
+            }
+        };
+        let mut asked = Vec::new();
+        let mut fetch = |want: &PageId| -> Result<Vec<u8>> {
+            asked.push(*want);
+            Ok(rewritten.clone())
+        };
+        let (mut out, mut stats) = (Vec::new(), DecodeStats::default());
+        decode(&b, &store, "a", id, &mut fetch, &mut disk, &mut out, &mut stats).unwrap();
+        assert_eq!(&out[..PAGE], written.as_slice());
+        assert_eq!(&out[PAGE..], rewritten.as_slice());
+        assert_eq!(asked, vec![id(&rewritten)], "only the page the disk no longer holds is asked for");
+        assert_eq!((stats.pages_disk, stats.pages_fetched), (1, 1));
+        assert!(store.lock().unwrap().contains(&id(&written)), "a page read from the disk is kept like any other");
+        // A site without that disk asks the source; a lying source is refused.
+        let mut no_disk = |_: DiskOp<'_>| -> Result<()> { anyhow::bail!("no disk here") };
+        let mut lying = |_: &PageId| Ok(vec![6u8; PAGE]);
+        let mut e = BatchEncoder::default();
+        e.disk_page_ref(3, 0, &id(&[9u8; PAGE]));
+        let (b, _) = e.take();
+        assert!(decode(&b, &store, "a", id, &mut lying, &mut no_disk, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("neither side holds"));
+        assert!(decode(&b[..30], &store, "a", id, &mut lying, &mut no_disk, &mut Vec::new(), &mut stats).unwrap_err().to_string().contains("cut short"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -26,7 +26,7 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
     let moved = async {
         let mut summary = DiskSummary { disks: spec.disks.len(), ..Default::default() };
         for d in &spec.disks {
-            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, disk_send(&spec.name, d, &req.to, false), events.clone()).await.with_context(|| format!("sending disk {}", d.path.display()))?;
+            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, disk_send(&spec.name, d, &req.to, false), None, events.clone()).await.with_context(|| format!("sending disk {}", d.path.display()))?;
             summary.bytes += sent.size;
             summary.bulk_sent += sent.progress.sent_payload;
             summary.bulk_reused += sent.progress.reused;

@@ -12,11 +12,15 @@
 //!    then QEMU continues. The stream is ordered, so the destination's disk is complete before
 //!    its QEMU gets the device state and runs.
 //!
+//! What the destination was sent of a disk is noted page by page: a RAM page equal to one
+//! (the guest's page cache holds what it wrote) then travels as that place on the disk.
+//!
 //! The source's disk is only ever read: whatever fails, the VM runs on there, intact.
-use super::batch::{BatchEncoder, DiskWrite};
+use super::batch::{BatchEncoder, DiskOp};
 use super::source::SourceContext;
 use crate::control::{self, Event, SendRequest};
 use crate::nbd::NbdClient;
+use crate::pages::{PageId, PAGE};
 use crate::vm::{DiskSpec, VmSpec};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -101,9 +105,20 @@ pub fn index_left_copies(data_dir: PathBuf, spec: VmSpec, tenant_key: [u8; 32]) 
     });
 }
 
+/// Pages the destination's copy of a disk holds: page ID → (disk index, offset).
+pub type DiskPages = std::collections::HashMap<PageId, (u8, u64)>;
+
+/// Notes each non-zero page of `block` (at `offset` of disk `disk`) as held there.
+fn note_pages(key: &[u8; 32], disk: u8, offset: u64, block: &[u8], into: &mut impl Extend<(PageId, (u8, u64))>) {
+    let pages = block.chunks_exact(PAGE).enumerate().filter(|(_, p)| !ferry_transfer::scan::is_zero(p));
+    into.extend(pages.map(|(i, p)| (super::page_id(key, p), (disk, offset + (i * PAGE) as u64))));
+}
+
 /// What the batches hand the pump besides QEMU's stream.
 pub enum PumpInput {
-    Records(Vec<u8>),
+    /// Disk records, and the pages they put at the destination (noted once the records are
+    /// queued: a page must not be referred to before the block that holds it).
+    Records(Vec<u8>, Vec<(PageId, (u8, u64))>),
     /// Answered once everything handed over before it is queued ahead of any later stream byte.
     Flush(std::sync::mpsc::SyncSender<()>),
 }
@@ -143,6 +158,9 @@ pub struct DiskMove {
     /// Both sides hash every disk in the pause and the destination compares (`--verify-disks`).
     pub verify: bool,
     pub summary: DiskSummary,
+    /// The pages the bulk pass put at the destination (for the pump, once RAM migrates).
+    pages: std::sync::Arc<std::sync::Mutex<DiskPages>>,
+    key: [u8; 32],
 }
 
 fn bitmap(generation: u32) -> String {
@@ -170,7 +188,7 @@ impl DiskMove {
             disks.push(Moving { index: i as u8, spec: d.clone(), node: node.to_string() });
         }
         let nbd_socket = ctx.vms.dir(&spec.name).join("nbd.sock");
-        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() } };
+        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() }, pages: Default::default(), key: ctx.cfg.tenant_key()? };
         // Left over from an attempt whose agent died: start clean.
         mv.end(&mut qmp).await;
         for b in blocks.as_array().into_iter().flatten() {
@@ -231,7 +249,13 @@ impl DiskMove {
                     }
                 })
             };
-            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, req, tx).await;
+            let (pages, key, index) = (self.pages.clone(), self.key, d.index);
+            let on_sent = ferry_transfer::sender::SentBlocks(std::sync::Arc::new(move |offset: u64, block: &[u8]| {
+                let mut found = Vec::with_capacity(block.len() / PAGE);
+                note_pages(&key, index, offset, block, &mut found);
+                pages.lock().unwrap().extend(found);
+            }));
+            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, req, Some(on_sent), tx).await;
             forward.abort();
             let sent = sent.with_context(|| format!("sending disk {} to {to}", d.spec.path.display()))?;
             self.summary.bytes += sent.size;
@@ -240,6 +264,11 @@ impl DiskMove {
         }
         self.summary.bulk_seconds = started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// The pages the bulk pass put at the destination, for the pump to refer to.
+    pub fn take_pages(&self) -> DiskPages {
+        std::mem::take(&mut *self.pages.lock().unwrap())
     }
 
     /// Keeps the destination's disks following the source's until QEMU pauses before the
@@ -262,7 +291,7 @@ impl DiskMove {
                             for (index, path) in disks {
                                 enc.disk_digest(index, &disk_digest(&File::open(&path)?)?);
                             }
-                            pump.send(PumpInput::Records(enc.take().0)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))
+                            pump.send(PumpInput::Records(enc.take().0, Vec::new())).map_err(|_| anyhow::anyhow!("the stream pump stopped"))
                         })
                         .await??;
                         self.summary.verified = true;
@@ -310,11 +339,11 @@ impl DiskMove {
                 qmp.execute("block-export-add", json!({"type": "nbd", "id": export_id(d.index, g), "node-name": d.node, "name": export_id(d.index, g), "writable": false, "bitmaps": [bitmap(g)]})).await.context("exporting a disk's dirty blocks")?;
             }
         }
-        let (disks, socket, pump) = (self.disks.clone(), self.nbd_socket.clone(), pump.clone());
+        let (disks, socket, pump, key) = (self.disks.clone(), self.nbd_socket.clone(), pump.clone(), self.key);
         let sent = tokio::task::spawn_blocking(move || -> Result<u64> {
             let mut total = 0;
             for d in &disks {
-                total += send_dirty(&socket, d.index, &export_id(d.index, g), &bitmap(g), &pump)?;
+                total += send_dirty(&socket, d.index, &export_id(d.index, g), &bitmap(g), &key, &pump)?;
             }
             Ok(total)
         })
@@ -332,11 +361,12 @@ fn export_id(disk: u8, generation: u32) -> String {
 }
 
 /// Reads the ranges a frozen bitmap marks and hands them to the pump as disk records.
-fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::sync::mpsc::SyncSender<PumpInput>) -> Result<u64> {
+fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, key: &[u8; 32], pump: &std::sync::mpsc::SyncSender<PumpInput>) -> Result<u64> {
     let context = format!("qemu:dirty-bitmap:{bitmap}");
     let mut nbd = NbdClient::connect(socket, export, &[&context])?;
     let ranges = nbd.dirty_ranges(&context)?;
     let mut enc = BatchEncoder::default();
+    let mut pages = Vec::new();
     let mut buf = vec![0u8; READ_PIECE as usize];
     let mut total = 0;
     for (start, len) in ranges {
@@ -345,15 +375,16 @@ fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, pump: &std::s
             let n = READ_PIECE.min(start + len - at) as usize;
             nbd.read(at, &mut buf[..n])?;
             enc.disk(disk, at, &buf[..n]);
+            note_pages(key, disk, at, &buf[..n], &mut pages);
             total += n as u64;
             at += n as u64;
             if enc.encoded_len() >= RECORDS_PER_BATCH {
-                pump.send(PumpInput::Records(enc.take().0)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
+                pump.send(PumpInput::Records(enc.take().0, std::mem::take(&mut pages))).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
             }
         }
     }
     if !enc.is_empty() {
-        pump.send(PumpInput::Records(enc.take().0)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
+        pump.send(PumpInput::Records(enc.take().0, pages)).map_err(|_| anyhow::anyhow!("the stream pump stopped"))?;
     }
     nbd.disconnect();
     Ok(total)
@@ -384,11 +415,12 @@ impl DiskWriter {
         Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), sizes, unsynced: false.into(), corrupt_one: corrupt_one.into() })
     }
 
-    pub fn apply(&self, w: DiskWrite<'_>) -> Result<()> {
+    pub fn apply(&self, w: DiskOp<'_>) -> Result<()> {
         let (disk, offset, len) = match w {
-            DiskWrite::Data { disk, offset, data } => (disk, offset, data.len() as u64),
-            DiskWrite::Zero { disk, offset, len } => (disk, offset, len as u64),
-            DiskWrite::Digest { disk, digest } => return self.verify(disk, &digest),
+            DiskOp::Data { disk, offset, data } => (disk, offset, data.len() as u64),
+            DiskOp::Zero { disk, offset, len } => (disk, offset, len as u64),
+            DiskOp::Digest { disk, digest } => return self.verify(disk, &digest),
+            DiskOp::ReadPage { disk, offset, ref out } => (disk, offset, out.len() as u64),
         };
         let file = self.files.get(disk as usize).with_context(|| format!("a record for disk {disk}, which the VM does not have"))?;
         let size = self.sizes[disk as usize];
@@ -396,16 +428,19 @@ impl DiskWriter {
             bail!("a record for {}+{len} lies outside disk {disk} ({size} bytes)", offset);
         }
         let path = &self.paths[disk as usize];
+        if let DiskOp::ReadPage { out, .. } = w {
+            return file.read_exact_at(out, offset).with_context(|| format!("reading {}", path.display()));
+        }
         self.unsynced.store(true, std::sync::atomic::Ordering::Relaxed);
         match w {
-            DiskWrite::Data { data, .. } if self.corrupt_one.swap(false, std::sync::atomic::Ordering::Relaxed) => {
+            DiskOp::Data { data, .. } if self.corrupt_one.swap(false, std::sync::atomic::Ordering::Relaxed) => {
                 tracing::error!("FERRY_FAULT=disk-record-corrupt: a disk record is written with a byte flipped");
                 let mut bad = data.to_vec();
                 bad[0] ^= 1;
                 file.write_all_at(&bad, offset).map_err(|e| write_error(e, path))
             }
-            DiskWrite::Data { data, .. } => file.write_all_at(data, offset).map_err(|e| write_error(e, path)),
-            DiskWrite::Zero { .. } => {
+            DiskOp::Data { data, .. } => file.write_all_at(data, offset).map_err(|e| write_error(e, path)),
+            DiskOp::Zero { .. } => {
                 // Stays sparse: the range is released, and reads as zeros.
                 let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64) };
                 if r == 0 {
@@ -418,7 +453,7 @@ impl DiskWriter {
                 // A filesystem without holes: the zeros are written.
                 file.write_all_at(&vec![0u8; len as usize], offset).map_err(|e| write_error(e, path))
             }
-            DiskWrite::Digest { .. } => unreachable!("handled above"),
+            DiskOp::Digest { .. } | DiskOp::ReadPage { .. } => unreachable!("handled above"),
         }
     }
 

@@ -63,6 +63,9 @@ pub struct MigrateSummary {
     pub stream_bytes: u64,
     pub pages_sent: u64,
     pub pages_referenced: u64,
+    /// Pages sent as a place on a disk the destination was sent (the guest's page cache).
+    #[serde(default)]
+    pub pages_from_disk: u64,
     pub pages_zero: u64,
     pub literal_bytes: u64,
     /// Set when ferry stopped understanding the stream and carried the rest opaque.

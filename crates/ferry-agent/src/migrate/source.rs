@@ -50,6 +50,8 @@ struct PumpState {
     stream_bytes: AtomicU64,
     pages_sent: AtomicU64,
     pages_referenced: AtomicU64,
+    /// Pages sent as a place on a disk the destination was sent.
+    pages_from_disk: AtomicU64,
     pages_zero: AtomicU64,
     /// Zero pages QEMU itself sent as one-byte records.
     qemu_zero_pages: AtomicU64,
@@ -61,12 +63,13 @@ struct PumpState {
     sent: Mutex<Option<HashSet<PageId>>>,
 }
 
-/// What the destination holds, as far as the source knows: pages sent in this migration and
-/// those the destination listed when it accepted.
+/// What the destination holds, as far as the source knows: pages sent in this migration, those
+/// the destination listed when it accepted, and those its copies of the VM's disks hold.
 struct Dedup {
     key: [u8; 32],
     sent: HashSet<PageId>,
     held: HashSet<u64>,
+    on_disk: super::disks::DiskPages,
 }
 
 impl Dedup {
@@ -88,6 +91,13 @@ impl Dedup {
             store.lock().unwrap().insert(&id, data)?;
             enc.page_ref(&id);
             st.pages_referenced.fetch_add(1, Relaxed);
+        } else if let Some(&(disk, offset)) = self.on_disk.get(&id) {
+            // Kept here as well: the guest may have written the block again since, and then
+            // the destination asks for the page.
+            store.lock().unwrap().insert(&id, data)?;
+            enc.disk_page_ref(disk, offset, &id);
+            self.sent.insert(id);
+            st.pages_from_disk.fetch_add(1, Relaxed);
         } else {
             enc.page(data);
             self.sent.insert(id);
@@ -131,12 +141,13 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
             waited = true;
             loop {
                 match rx.try_recv() {
-                    Ok(PumpInput::Records(records)) => {
+                    Ok(PumpInput::Records(records, pages)) => {
                         if !enc.is_empty() {
                             let (b, len) = enc.take();
                             send(b, len)?;
                         }
                         send(records, 0)?;
+                        dedup.on_disk.extend(pages);
                     }
                     Ok(PumpInput::Flush(done)) => {
                         let _ = done.send(());
@@ -510,6 +521,7 @@ async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duratio
         stream_bytes: st.stream_bytes.load(Relaxed),
         pages_sent: st.pages_sent.load(Relaxed),
         pages_referenced: st.pages_referenced.load(Relaxed),
+        pages_from_disk: st.pages_from_disk.load(Relaxed),
         pages_zero: st.pages_zero.load(Relaxed) + st.qemu_zero_pages.load(Relaxed),
         literal_bytes: st.literal_bytes.load(Relaxed),
         opaque,
@@ -555,7 +567,8 @@ async fn relay(
     let store = ctx.store.clone();
     let to = req.to.clone();
     let sent = tokio::task::spawn_blocking(move || store.lock().unwrap().peer_holds(&to)).await??;
-    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held };
+    let on_disk = disks.as_ref().map(|d| d.take_pages()).unwrap_or_default();
+    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held, on_disk };
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
     let pump_window = window.clone();
     let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel(super::disks::PUMP_QUEUE);
