@@ -194,7 +194,7 @@ async fn emit(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &Event) -> Result<()
 
 /// Sends with resumption: a failed attempt leaves the destination's staging file, and the next
 /// attempt (same transfer ID) sends only what is not there yet.
-pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, on_sent: Option<ferry_transfer::sender::SentBlocks>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
+pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm, req: SendRequest, observer: Option<ferry_transfer::sender::Observer>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Result<SendSummary> {
     let meta = std::fs::metadata(&req.source).with_context(|| format!("reading {}", req.source.display()))?;
     let transfer = transfer_id(&cfg.site, &req, meta.len(), meta.modified().ok());
     let progress = Arc::new(Progress::default());
@@ -208,7 +208,7 @@ pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm
             let (conns, rtt) = session::open(cfg, identity, warm, &req.to, counter.clone()).await?;
             let connections = conns.len();
             let _ = events.send(Event::Started { size: meta.len(), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
-            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live, on_sent: on_sent.clone() };
+            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live, observer: observer.clone() };
             let ticker = {
                 let (p, c, ev) = (attempt_progress.clone(), counter.clone(), events.clone());
                 tokio::spawn(async move {

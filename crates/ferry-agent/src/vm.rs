@@ -244,7 +244,17 @@ impl Vms {
 
     /// Starts QEMU for `spec` (waiting for a migration if `incoming`) and connects to its QMP.
     pub async fn start(&self, spec: &VmSpec, incoming: bool) -> Result<()> {
-        spec.validate()?;
+        self.start_with_disks(spec, incoming, None).await
+    }
+
+    /// As `start`, but QEMU opens its disks at `disks` (files that become the spec's paths
+    /// later, by rename): the VM is known by `spec`.
+    pub async fn start_with_disks(&self, spec: &VmSpec, incoming: bool, disks: Option<&[PathBuf]>) -> Result<()> {
+        let mut opened = spec.clone();
+        for (d, p) in opened.disks.iter_mut().zip(disks.unwrap_or_default()) {
+            d.path = p.clone();
+        }
+        opened.validate()?;
         {
             let vms = self.vms.lock().unwrap();
             if let Some(vm) = vms.get(&spec.name) {
@@ -263,7 +273,7 @@ impl Vms {
             ip(&["tuntap", "add", &tap, "mode", "tap"])?;
             ip(&["link", "set", &tap, "master", &nic.bridge, "up"]).with_context(|| format!("attaching the VM's NIC to bridge {}", nic.bridge))?;
         }
-        let argv = qemu_argv(spec, &dir, incoming);
+        let argv = qemu_argv(&opened, &dir, incoming);
         let log = std::fs::File::create(dir.join("qemu.log"))?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);

@@ -214,9 +214,13 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
 
     // The link goes down while RAM and the guest's writes are on their way.
     let data = sites.data("a");
-    let child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while states(&sites, "b").first().is_none_or(|(_, state)| state != "inmigrate") {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!("the migration ended ({}) before b received anything: {}\n{}", out.status, text(&out), tail(&sites.agent_log("a")));
+        }
         assert!(Instant::now() < deadline, "b never started receiving:\n{}", tail(&sites.agent_log("a")));
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -40,19 +40,27 @@ pub struct SendSpec {
     /// tracks): a block that no longer matches its announced ID goes as it is now, under its
     /// new ID, instead of failing the transfer.
     pub live: bool,
-    /// Told of every block as it goes out (offset, bytes as sent), from the workers that read
-    /// them: the caller learns what the receiver now holds where.
-    pub on_sent: Option<SentBlocks>,
+    /// Told how the send goes (see `SendObserver`).
+    pub observer: Option<Observer>,
 }
 
-/// A callback for each block sent (see `SendSpec::on_sent`).
-#[derive(Clone)]
-pub struct SentBlocks(pub Arc<OnSent>);
-pub type OnSent = dyn Fn(u64, &[u8]) + Send + Sync;
+/// Learns, as a send goes, what the receiver holds: a caller that refers to the object's
+/// blocks elsewhere (a live disk's pages in a VM's memory) may do so once they are there.
+pub trait SendObserver: Send + Sync {
+    /// The receiver accepted the object (its staging file exists).
+    fn opened(&self, _transfer: &[u8; 16]) {}
+    /// A block of `round` goes out as `data`: what the receiver will hold at `offset`.
+    fn sent(&self, _round: u64, _offset: u64, _data: &[u8]) {}
+    /// The receiver holds every block of `round` (written to its staging file).
+    fn acked(&self, _round: u64) {}
+}
 
-impl std::fmt::Debug for SentBlocks {
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn SendObserver>);
+
+impl std::fmt::Debug for Observer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SentBlocks")
+        f.write_str("Observer")
     }
 }
 
@@ -101,8 +109,8 @@ where
         .map(|_| {
             let (rx, out, file, progress, transfer, level) = (want_rx.clone(), chunk_tx.clone(), file.clone(), progress.clone(), spec.transfer, spec.zstd_level);
             let live = spec.live.then(|| (ChunkHasher::new(spec.tenant_key), changed.clone()));
-            let on_sent = spec.on_sent.clone();
-            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level, live, on_sent))
+            let observer = spec.observer.clone();
+            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level, live, observer))
         })
         .collect();
     drop(chunk_tx);
@@ -116,6 +124,7 @@ where
         progress: progress.clone(),
         transfer: spec.transfer,
         finished: finished_tx,
+        observer: spec.observer.clone(),
     });
     let open = Message::Open {
         transfer: spec.transfer,
@@ -234,6 +243,7 @@ struct Shared {
     progress: Arc<Progress>,
     transfer: [u8; 16],
     finished: tokio::sync::watch::Sender<bool>,
+    observer: Option<Observer>,
 }
 
 impl Shared {
@@ -276,6 +286,9 @@ impl Shared {
         // Data the receiver did not ask for it found locally.
         self.progress.reused.fetch_add(data.saturating_sub(wanted), Relaxed);
         self.progress.acked.fetch_add(blocks.iter().map(|b| b.len as u64).sum(), Relaxed);
+        if let Some(Observer(o)) = &self.observer {
+            o.acked(round);
+        }
         self.check_finished(&f);
         Ok(())
     }
@@ -341,7 +354,12 @@ where
                 Message::Want { round, wanted, .. } => shared.want(round, wanted)?,
                 Message::Ack { round, .. } => shared.ack(round)?,
                 // The answers to what was sent without waiting for them.
-                Message::HelloAck { .. } | Message::OpenAck { accepted: true, .. } => {}
+                Message::HelloAck { .. } => {}
+                Message::OpenAck { accepted: true, transfer, .. } => {
+                    if let Some(Observer(o)) = &shared.observer {
+                        o.opened(&transfer);
+                    }
+                }
                 Message::OpenAck { reason, .. } => bail!("the destination refused the transfer: {reason}"),
                 Message::Pong { .. } | Message::Ping { .. } => {}
                 Message::Error { message, .. } => bail!("the destination reported: {message}"),
@@ -363,7 +381,7 @@ async fn until_finished(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// them (raw where that does not pay) and queues the chunks; the bounded queue is the
 /// back-pressure from the sockets.
 #[allow(clippy::too_many_arguments)] // the job queue, its sinks, and how each block is treated
-fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32, live: Option<(ChunkHasher, Arc<Changed>)>, on_sent: Option<SentBlocks>) -> Result<()> {
+fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out: &mpsc::Sender<Message>, file: &File, progress: &Progress, transfer: [u8; 16], level: i32, live: Option<(ChunkHasher, Arc<Changed>)>, observer: Option<Observer>) -> Result<()> {
     let mut compressor = Compressor::new(level)?;
     let mut buf = Vec::new();
     loop {
@@ -383,8 +401,8 @@ fn serve_wants(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WantJob>>, out:
                     changed.lock().unwrap().insert((job.round, index), now);
                 }
             }
-            if let Some(SentBlocks(f)) = &on_sent {
-                f(b.offset, &buf);
+            if let Some(Observer(o)) = &observer {
+                o.sent(job.round, b.offset, &buf);
             }
             let (encoding, data) = match compressor.compress(&buf)? {
                 Some(z) => (Encoding::Zstd, bytes::Bytes::copy_from_slice(z)),

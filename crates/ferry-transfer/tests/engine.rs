@@ -52,7 +52,7 @@ async fn transfer_with(data_dir: &Path, source: &Path, dest: &str, connections: 
     }
     server.await?;
     let progress = Arc::new(Progress::default());
-    let spec = SendSpec { source: source.into(), dest_path: dest.into(), base: None, chunker, zstd_level: 1, transfer: [7; 16], tenant_key: KEY, live: false, on_sent: None };
+    let spec = SendSpec { source: source.into(), dest_path: dest.into(), base: None, chunker, zstd_level: 1, transfer: [7; 16], tenant_key: KEY, live: false, observer: None };
     sender::send(conns, spec, progress.clone()).await?;
     Ok(progress)
 }

@@ -4,16 +4,19 @@
 //!    engine's block);
 //! 2. the transfer engine sends each disk as it is (a live source: a block that changes under
 //!    it goes as it is when read) to `vms/<vm>/<file>` at the destination, where an older copy,
-//!    a named base, or any chunk the destination holds means less to send;
-//! 3. while RAM migrates, the blocks the guest dirtied are read through QEMU's NBD export of a
-//!    frozen bitmap (a new one records meanwhile) and travel as disk records inside the
-//!    migration stream's batches, which the destination writes to its copy in place;
+//!    a named base, or any chunk the destination holds means less to send. The RAM migration
+//!    runs beside it: the destination's QEMU opens the staging file the engine fills, and QEMU
+//!    is held from switching over (`downtime-limit` 0) until the bulk pass is committed;
+//! 3. then, while RAM migrates on, the blocks the guest dirtied are read through QEMU's NBD
+//!    export of a frozen bitmap (a new one records meanwhile) and travel as disk records inside
+//!    the migration stream's batches, which the destination writes to its copy in place;
 //! 4. QEMU pauses before switchover (`pause-before-switchover`): the last dirtied blocks go,
 //!    then QEMU continues. The stream is ordered, so the destination's disk is complete before
 //!    its QEMU gets the device state and runs.
 //!
-//! What the destination was sent of a disk is noted page by page: a RAM page equal to one
-//! (the guest's page cache holds what it wrote) then travels as that place on the disk.
+//! What the destination holds of a disk is noted page by page (once it acknowledged the
+//! blocks): a RAM page equal to one (the guest's page cache holds what it wrote) then travels
+//! as that place on the disk.
 //!
 //! The source's disk is only ever read: whatever fails, the VM runs on there, intact.
 use super::batch::{BatchEncoder, DiskOp};
@@ -25,10 +28,13 @@ use crate::vm::{DiskSpec, VmSpec};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use ferry_transfer::sender::{Observer, SendObserver};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -62,10 +68,21 @@ pub fn refuse_shared_names(spec: &VmSpec) -> Result<()> {
 /// be the one replaced).
 pub async fn refuse_if_destination_runs(ctx: &SourceContext<'_>, vm: &str, to: &str) -> Result<()> {
     // A fresh migration ID: the destination does not know it, so it answers from the VMs it runs.
-    if let Some((true, _)) = super::doubt::ask(ctx, vm, to, crate::session::rand_bytes()).await? {
-        bail!("{to} already runs a VM named {vm} (nothing was changed)");
+    // Tried again as the migration's setup is: a connection kept warm may have died with a
+    // restarted destination agent.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match super::doubt::ask(ctx, vm, to, crate::session::rand_bytes()).await {
+            Ok(Some((true, _))) => bail!("{to} already runs a VM named {vm} (nothing was changed)"),
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 3 => {
+                tracing::warn!(to, "asking whether the destination runs {vm} failed, trying again: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.context(format!("asking {to} whether it runs a VM named {vm}"))),
+        }
     }
-    Ok(())
 }
 
 /// Disk-record batches waiting for the pump: the follower waits (and its next round finds the
@@ -107,9 +124,53 @@ pub fn index_left_copies(data_dir: PathBuf, spec: VmSpec, tenant_key: [u8; 32]) 
 
 /// Pages the destination's copy of a disk holds: page ID → (disk index, offset).
 pub type DiskPages = std::collections::HashMap<PageId, (u8, u64)>;
+/// A page the destination holds: its ID, the disk's index and the offset there.
+pub type HeldPage = (PageId, (u8, u64));
+/// Pages the destination now holds, for the pump to take into its `DiskPages`.
+pub type PageFeed = Arc<Mutex<Vec<HeldPage>>>;
+
+/// Watches one disk's bulk pass: when the destination opened its staging file, and which
+/// blocks it holds (their pages go to the pump only once their round is acknowledged).
+struct BulkWatch {
+    key: [u8; 32],
+    disk: u8,
+    opened: tokio::sync::watch::Sender<Option<[u8; 16]>>,
+    pending: Mutex<HashMap<u64, Vec<HeldPage>>>,
+    feed: PageFeed,
+}
+
+impl SendObserver for BulkWatch {
+    fn opened(&self, transfer: &[u8; 16]) {
+        self.opened.send_replace(Some(*transfer));
+    }
+
+    fn sent(&self, round: u64, offset: u64, data: &[u8]) {
+        let mut found = Vec::with_capacity(data.len() / PAGE);
+        note_pages(&self.key, self.disk, offset, data, &mut found);
+        self.pending.lock().unwrap().entry(round).or_default().extend(found);
+    }
+
+    fn acked(&self, round: u64) {
+        if let Some(pages) = self.pending.lock().unwrap().remove(&round) {
+            self.feed.lock().unwrap().extend(pages);
+        }
+    }
+}
+
+/// What the bulk pass did, all disks together.
+#[derive(Default)]
+pub struct BulkOutcome {
+    bytes: u64,
+    sent: u64,
+    reused: u64,
+    seconds: f64,
+}
+
+/// The bulk pass under way (it borrows the migration's context).
+pub type BulkPass<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<BulkOutcome>> + Send + 'a>>;
 
 /// Notes each non-zero page of `block` (at `offset` of disk `disk`) as held there.
-fn note_pages(key: &[u8; 32], disk: u8, offset: u64, block: &[u8], into: &mut impl Extend<(PageId, (u8, u64))>) {
+fn note_pages(key: &[u8; 32], disk: u8, offset: u64, block: &[u8], into: &mut impl Extend<HeldPage>) {
     let pages = block.chunks_exact(PAGE).enumerate().filter(|(_, p)| !ferry_transfer::scan::is_zero(p));
     into.extend(pages.map(|(i, p)| (super::page_id(key, p), (disk, offset + (i * PAGE) as u64))));
 }
@@ -118,7 +179,7 @@ fn note_pages(key: &[u8; 32], disk: u8, offset: u64, block: &[u8], into: &mut im
 pub enum PumpInput {
     /// Disk records, and the pages they put at the destination (noted once the records are
     /// queued: a page must not be referred to before the block that holds it).
-    Records(Vec<u8>, Vec<(PageId, (u8, u64))>),
+    Records(Vec<u8>, Vec<HeldPage>),
     /// Answered once everything handed over before it is queued ahead of any later stream byte.
     Flush(std::sync::mpsc::SyncSender<()>),
 }
@@ -158,8 +219,8 @@ pub struct DiskMove {
     /// Both sides hash every disk in the pause and the destination compares (`--verify-disks`).
     pub verify: bool,
     pub summary: DiskSummary,
-    /// The pages the bulk pass put at the destination (for the pump, once RAM migrates).
-    pages: std::sync::Arc<std::sync::Mutex<DiskPages>>,
+    /// Pages the destination holds, as they become known (the pump takes them).
+    feed: PageFeed,
     key: [u8; 32],
 }
 
@@ -188,7 +249,7 @@ impl DiskMove {
             disks.push(Moving { index: i as u8, spec: d.clone(), node: node.to_string() });
         }
         let nbd_socket = ctx.vms.dir(&spec.name).join("nbd.sock");
-        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() }, pages: Default::default(), key: ctx.cfg.tenant_key()? };
+        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() }, feed: Default::default(), key: ctx.cfg.tenant_key()? };
         // Left over from an attempt whose agent died: start clean.
         mv.end(&mut qmp).await;
         for b in blocks.as_array().into_iter().flatten() {
@@ -232,49 +293,76 @@ impl DiskMove {
         }
     }
 
-    /// The bulk pass: every disk through the transfer engine, as it is now.
-    pub async fn bulk(&mut self, ctx: &SourceContext<'_>, to: &str, events: &mpsc::UnboundedSender<Event>) -> Result<()> {
+    /// Starts the bulk pass: every disk through the transfer engine at once, as it is now.
+    /// Returns, per disk, the transfer's ID once the destination has opened its staging file,
+    /// and the pass itself, which the caller drives (it goes on beside the RAM migration).
+    pub fn bulk<'a>(&self, ctx: &'a SourceContext<'a>, to: &'a str, events: &mpsc::UnboundedSender<Event>) -> (Vec<tokio::sync::watch::Receiver<Option<[u8; 16]>>>, BulkPass<'a>) {
         let started = Instant::now();
+        let mut opened = Vec::new();
+        let mut sends = Vec::new();
         for d in &self.disks {
             let req = disk_send(&self.vm, &d.spec, to, true);
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let forward = {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    while let Some(ev) = rx.recv().await {
-                        if let Event::Progress { progress, wire_sent, seconds } = ev {
-                            let remaining = progress.scanned.saturating_sub(progress.acked);
-                            let _ = events.send(Event::MigrateProgress { status: "disk".into(), stream_bytes: progress.acked, remaining, wire_sent, seconds });
-                        }
+            let events = events.clone();
+            let forward = async move {
+                while let Some(ev) = rx.recv().await {
+                    if let Event::Progress { progress, wire_sent, seconds } = ev {
+                        let remaining = progress.scanned.saturating_sub(progress.acked);
+                        let _ = events.send(Event::MigrateProgress { status: "disk".into(), stream_bytes: progress.acked, remaining, wire_sent, seconds });
                     }
-                })
+                }
             };
-            let (pages, key, index) = (self.pages.clone(), self.key, d.index);
-            let on_sent = ferry_transfer::sender::SentBlocks(std::sync::Arc::new(move |offset: u64, block: &[u8]| {
-                let mut found = Vec::with_capacity(block.len() / PAGE);
-                note_pages(&key, index, offset, block, &mut found);
-                pages.lock().unwrap().extend(found);
-            }));
-            let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, req, Some(on_sent), tx).await;
-            forward.abort();
-            let sent = sent.with_context(|| format!("sending disk {} to {to}", d.spec.path.display()))?;
-            self.summary.bytes += sent.size;
-            self.summary.bulk_sent += sent.progress.sent_payload;
-            self.summary.bulk_reused += sent.progress.reused;
+            let (opened_tx, opened_rx) = tokio::sync::watch::channel(None);
+            opened.push(opened_rx);
+            let watch = BulkWatch { key: self.key, disk: d.index, opened: opened_tx, pending: Mutex::default(), feed: self.feed.clone() };
+            let path = d.spec.path.clone();
+            sends.push(async move {
+                let forwarding = tokio::spawn(forward);
+                let sent = control::run_send(ctx.cfg, ctx.identity, ctx.warm, req, Some(Observer(Arc::new(watch))), tx).await;
+                forwarding.abort();
+                sent.with_context(|| format!("sending disk {} to {to}", path.display()))
+            });
         }
-        self.summary.bulk_seconds = started.elapsed().as_secs_f64();
-        Ok(())
+        let pass = async move {
+            let mut out = BulkOutcome::default();
+            for sent in futures::future::try_join_all(sends).await? {
+                out.bytes += sent.size;
+                out.sent += sent.progress.sent_payload;
+                out.reused += sent.progress.reused;
+            }
+            out.seconds = started.elapsed().as_secs_f64();
+            Ok(out)
+        };
+        (opened, Box::pin(pass))
     }
 
-    /// The pages the bulk pass put at the destination, for the pump to refer to.
-    pub fn take_pages(&self) -> DiskPages {
-        std::mem::take(&mut *self.pages.lock().unwrap())
+    /// The pages the destination holds, as they become known.
+    pub fn page_feed(&self) -> PageFeed {
+        self.feed.clone()
+    }
+
+    pub fn bulk_done(&mut self, out: BulkOutcome) {
+        self.summary.bytes = out.bytes;
+        self.summary.bulk_sent = out.sent;
+        self.summary.bulk_reused = out.reused;
+        self.summary.bulk_seconds = out.seconds;
     }
 
     /// Keeps the destination's disks following the source's until QEMU pauses before the
     /// switchover; then sends the rest and lets QEMU go on. Returns when QEMU continued (or the
     /// migration ended some other way, which the caller learns from QEMU).
-    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>) -> Result<()> {
+    ///
+    /// A bulk pass still under way finishes first; only then may QEMU switch over (it gets
+    /// `limit_ms` back, and `converging` starts), and only then do dirty rounds begin: the
+    /// destination's copy is committed, so no older block of the bulk pass can land on a record.
+    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>, bulk: Option<BulkPass<'_>>, limit_ms: u64, converging: &Mutex<Option<Instant>>) -> Result<()> {
+        if let Some(pass) = bulk {
+            let out = pass.await?;
+            tracing::info!(vm = %self.vm, seconds = out.seconds, sent = out.sent, reused = out.reused, "the disks' bulk pass is committed at the destination");
+            self.bulk_done(out);
+            ctx.vms.qmp(&self.vm).await?.execute("migrate-set-parameters", json!({"downtime-limit": limit_ms})).await.context("letting QEMU switch over")?;
+            *converging.lock().unwrap() = Some(Instant::now());
+        }
         let mut last = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -390,6 +478,19 @@ fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, key: &[u8; 32
     Ok(total)
 }
 
+/// The name the destination's QEMU knows a disk by while its bulk pass still fills the staging
+/// file: a second link to that file. QEMU opens its images again by name when it takes them
+/// over (at switchover, and after a failed migration out), so the name must outlive the rename
+/// that commits the staging file; it stays while the VM runs here, and the next arrival
+/// replaces it (which frees a copy it alone still held).
+pub fn live_link(final_path: &Path, staging: &Path) -> Result<PathBuf> {
+    let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let link = final_path.with_file_name(format!(".{name}.ferry-live"));
+    let _ = std::fs::remove_file(&link);
+    std::fs::hard_link(staging, &link).with_context(|| format!("linking {} (has the bulk pass opened it here?)", staging.display()))?;
+    Ok(link)
+}
+
 /// The destination's side: disk records written into its copies, in place, while its QEMU
 /// waits (it reads its disks only once it runs).
 pub struct DiskWriter {
@@ -405,14 +506,14 @@ pub struct DiskWriter {
 }
 
 impl DiskWriter {
-    pub fn open(spec: &VmSpec) -> Result<DiskWriter> {
+    pub fn open(paths: &[PathBuf]) -> Result<DiskWriter> {
         let mut files = Vec::new();
-        for d in &spec.disks {
-            files.push(std::fs::OpenOptions::new().read(true).write(true).open(&d.path).with_context(|| format!("opening {} to follow the source's writes", d.path.display()))?);
+        for p in paths {
+            files.push(std::fs::OpenOptions::new().read(true).write(true).open(p).with_context(|| format!("opening {} to follow the source's writes", p.display()))?);
         }
         let corrupt_one = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "disk-record-corrupt");
         let sizes = files.iter().map(|f| f.metadata().map(|m| m.len())).collect::<std::io::Result<_>>()?;
-        Ok(DiskWriter { files, paths: spec.disks.iter().map(|d| d.path.clone()).collect(), sizes, unsynced: false.into(), corrupt_one: corrupt_one.into() })
+        Ok(DiskWriter { files, paths: paths.to_vec(), sizes, unsynced: false.into(), corrupt_one: corrupt_one.into() })
     }
 
     pub fn apply(&self, w: DiskOp<'_>) -> Result<()> {

@@ -287,9 +287,23 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
 /// stream and read the return path. Returns the page-ID prefixes this site holds.
 async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) -> Result<Bytes> {
-    let super::Arrival { mut spec, cold } = serde_json::from_slice(spec).context("the VM's spec")?;
-    // Its disks are here already (the bulk pass went first), under this site's data dir.
+    let super::Arrival { mut spec, cold, staged } = serde_json::from_slice(spec).context("the VM's spec")?;
+    // Its disks are under this site's data dir: complete, or (`staged`) in the staging files
+    // their bulk pass is filling, which become those paths when it commits. QEMU reads its
+    // disks only once it runs, after the pass and every record that follows it.
     super::disks::arrive(&mut spec, shared.vms.data_dir());
+    let opened: Vec<std::path::PathBuf> = if staged.is_empty() {
+        spec.disks.iter().map(|d| d.path.clone()).collect()
+    } else {
+        if staged.len() != spec.disks.len() {
+            bail!("{} staging files named for {} disks", staged.len(), spec.disks.len());
+        }
+        let mut paths = Vec::new();
+        for (d, t) in spec.disks.iter().zip(&staged) {
+            paths.push(super::disks::live_link(&d.path, &ferry_transfer::staging::staging_path(&d.path, t))?);
+        }
+        paths
+    };
     if spec.name != inc.vm {
         bail!("the spec names VM {:?}, the migration {:?}", spec.name, inc.vm);
     }
@@ -310,7 +324,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         inc.finish(true, String::new());
         return Ok(Bytes::new());
     }
-    shared.vms.start(&spec, true).await?;
+    shared.vms.start_with_disks(&spec, true, Some(&opened)).await?;
     let setup = async {
         let mut qmp = shared.vms.qmp(&spec.name).await?;
         qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}]})).await?;
@@ -333,7 +347,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
             return Err(e);
         }
     };
-    let disks = match DiskWriter::open(&spec) {
+    let disks = match DiskWriter::open(&opened) {
         Ok(d) => d,
         Err(e) => {
             shared.vms.kill(&spec.name).await;

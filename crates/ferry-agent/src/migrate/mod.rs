@@ -44,6 +44,10 @@ pub struct Arrival {
     pub spec: crate::vm::VmSpec,
     #[serde(default)]
     pub cold: bool,
+    /// Per disk, the transfer whose staging file the destination's QEMU opens: the bulk pass
+    /// still fills it (empty: the disks are complete at their place).
+    #[serde(default)]
+    pub staged: Vec<[u8; 16]>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

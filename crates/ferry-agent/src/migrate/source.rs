@@ -116,7 +116,8 @@ fn is_zero(data: &[u8]) -> bool {
 
 /// Reads QEMU's stream until QEMU closes it, handing batches on in stream order; disk records
 /// go between QEMU's writes, in the order they come.
-fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>, mut disk: Option<std::sync::mpsc::Receiver<PumpInput>>) -> Result<()> {
+#[allow(clippy::too_many_arguments)] // QEMU's stream, what the destination holds, and where batches go
+fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>, mut disk: Option<std::sync::mpsc::Receiver<PumpInput>>, feed: Option<super::disks::PageFeed>) -> Result<()> {
     // Disk records stand for no stream bytes: they wait for no room in the window (the last
     // ones go while the VM stands still).
     let send = |b: Vec<u8>, stream_len: usize| -> Result<()> {
@@ -158,6 +159,12 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
                         break;
                     }
                 }
+            }
+        }
+        if let Some(feed) = &feed {
+            let mut fresh = feed.lock().unwrap();
+            if !fresh.is_empty() {
+                dedup.on_disk.extend(fresh.drain(..));
             }
         }
         let n = match qemu.read(&mut buf) {
@@ -382,20 +389,32 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
     let counter = Arc::new(WireCounter::default());
-    // Disks first: their bulk goes through the transfer engine while the VM runs on, and the
-    // destination's QEMU can only start once its copies exist.
+    // Disks first: their bulk pass goes through the transfer engine while the VM runs on. The
+    // destination's QEMU opens the files it fills, so the RAM migration starts as soon as the
+    // destination has opened them, and runs beside the rest of the pass.
     let mut disks = None;
+    let mut bulk = None;
+    let mut staged = Vec::new();
     if !spec.disks.is_empty() {
         super::disks::refuse_if_destination_runs(ctx, &req.vm, &req.to).await?;
         let mut mv = DiskMove::begin(ctx, &spec).await?;
         mv.verify = req.verify_disks;
-        if let Err(e) = mv.bulk(ctx, &req.to, &events).await {
-            mv.end_with(ctx).await;
-            return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm)));
+        let (opened, mut pass) = mv.bulk(ctx, &req.to, &events);
+        match staging_opened(opened, &mut pass).await {
+            Ok((ids, None)) => {
+                staged = ids;
+                bulk = Some(pass);
+            }
+            // Committed already (small disks): the copies are at their place.
+            Ok((_, Some(out))) => mv.bulk_done(out),
+            Err(e) => {
+                mv.end_with(ctx).await;
+                return Err(e.context(format!("the VM {} was not touched and keeps running here", req.vm)));
+            }
         }
         disks = Some(mv);
     }
-    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false })?);
+    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false, staged })?);
     // Nothing has happened to the VM before the destination is ready, so setting up may be
     // tried again (connections kept warm across a link flap can turn out dead).
     let mut attempt = 0;
@@ -419,7 +438,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let connections = conns.len();
     let _ = events.send(Event::Started { size: spec.memory_mib as u64 * (1 << 20), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
 
-    let started_qemu = start_qemu_migration(ctx, &req, migration, rtt, disks.is_some()).await;
+    let started_qemu = start_qemu_migration(ctx, &req, migration, rtt, disks.is_some(), bulk.is_some()).await;
     let qemu = match started_qemu {
         Ok(q) => q,
         Err(e) => {
@@ -430,7 +449,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         }
     };
     let st = Arc::new(PumpState::default());
-    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut()).await;
+    let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut(), bulk).await;
     match outcome {
         Ok(()) => {}
         Err(e) => {
@@ -446,13 +465,33 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     finish_move(ctx, &req, rtt, connections, &counter, &st, started, &spec, disks).await
 }
 
+/// Waits until the destination has opened every disk's staging file (its QEMU will open them);
+/// returns their transfer IDs, and the pass's outcome should it end first.
+async fn staging_opened(mut opened: Vec<tokio::sync::watch::Receiver<Option<[u8; 16]>>>, pass: &mut super::disks::BulkPass<'_>) -> Result<(Vec<[u8; 16]>, Option<super::disks::BulkOutcome>)> {
+    let ids = |opened: &[tokio::sync::watch::Receiver<Option<[u8; 16]>>]| opened.iter().map(|o| *o.borrow()).collect::<Option<Vec<_>>>();
+    let all = async {
+        for o in opened.iter_mut() {
+            let _ = o.wait_for(|v| v.is_some()).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        out = pass => {
+            let out = out?;
+            Ok((ids(&opened).context("the bulk pass ended before the destination opened every disk")?, Some(out)))
+        }
+        _ = all => Ok((ids(&opened).context("the bulk pass ended before the destination opened every disk")?, None)),
+    }
+}
+
 /// Points the source QEMU at a socket pair and starts its migration; returns the agent's end.
-async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, rtt: Duration, with_disks: bool) -> Result<UnixStream> {
+/// While the disks' bulk pass runs (`hold`), QEMU may not switch over: `downtime-limit` 0.
+async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, rtt: Duration, with_disks: bool, hold: bool) -> Result<UnixStream> {
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
     // With disks, QEMU waits before the switchover for the last dirty blocks to be on their way.
     qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}]})).await?;
-    let downtime_limit = downtime_limit_ms(req.downtime_ms, rtt);
+    let downtime_limit = if hold { 0 } else { downtime_limit_ms(req.downtime_ms, rtt) };
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
     // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
     // that the agent's death alone never makes QEMU give up and restart the VM (see doubt.rs).
@@ -547,6 +586,7 @@ async fn relay(
     counter: &Arc<WireCounter>,
     started: Instant,
     disks: Option<&mut DiskMove>,
+    bulk: Option<super::disks::BulkPass<'_>>,
 ) -> Result<()> {
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(RAW_QUEUE);
     let (send_tx, send_rx) = mpsc::channel::<Message>(SEND_QUEUE);
@@ -567,18 +607,23 @@ async fn relay(
     let store = ctx.store.clone();
     let to = req.to.clone();
     let sent = tokio::task::spawn_blocking(move || store.lock().unwrap().peer_holds(&to)).await??;
-    let on_disk = disks.as_ref().map(|d| d.take_pages()).unwrap_or_default();
-    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held, on_disk };
+    let dedup = Dedup { key: ctx.cfg.tenant_key()?, sent, held, on_disk: Default::default() };
+    let feed = disks.as_ref().map(|d| d.page_feed());
     let (pump_st, store, pump_sock) = (st.clone(), ctx.store.clone(), qemu.try_clone()?);
     let pump_window = window.clone();
     let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel(super::disks::PUMP_QUEUE);
     let disk_rx = disks.is_some().then_some(disk_rx);
-    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st, disk_rx));
+    let pump_thread = tokio::task::spawn_blocking(move || pump(pump_sock, dedup, store, raw_tx, pump_window, pump_st, disk_rx, feed));
     // Polled beside the loop below, never as one of its branches: a branch's body that waits
     // for the VM's QMP would wait forever for a follower holding it, which only the loop polls.
+    let limit = downtime_limit_ms(req.downtime_ms, rtt);
+    // QEMU may not switch over while the bulk pass runs; the clock of its convergence starts
+    // once it may.
+    let converging = std::sync::Mutex::new(bulk.is_none().then_some(started));
+    let converging = &converging;
     let follow = async move {
         match disks {
-            Some(d) => match d.follow(ctx, disk_tx).await {
+            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging).await {
                 Ok(()) => std::future::pending::<Result<()>>().await,
                 Err(e) => Err(e.context("keeping the destination's disks up to date")),
             },
@@ -603,7 +648,7 @@ async fn relay(
     tokio::pin!(pump_thread);
     let mut pump_done = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut limit = downtime_limit_ms(req.downtime_ms, rtt);
+    let mut limit = limit;
     let mut raised_at = Instant::now();
     let relay_loop = async { loop {
         tokio::select! {
@@ -631,7 +676,8 @@ async fn relay(
                 if matches!(status.as_str(), "failed" | "cancelled") {
                     break Err(anyhow::anyhow!("the source QEMU's migration {status}: {}", m["error-desc"].as_str().unwrap_or("no reason given")));
                 }
-                if status == "active" && started.elapsed() > CONVERGE_AFTER && raised_at.elapsed() > CONVERGE_AFTER / 4 && limit < MAX_DOWNTIME_LIMIT_MS {
+                let since = *converging.lock().unwrap();
+                if status == "active" && since.is_some_and(|t| t.elapsed() > CONVERGE_AFTER) && raised_at.elapsed() > CONVERGE_AFTER / 4 && limit < MAX_DOWNTIME_LIMIT_MS {
                     limit = (limit * 2).min(MAX_DOWNTIME_LIMIT_MS);
                     raised_at = Instant::now();
                     tracing::warn!(vm = %req.vm, limit_ms = limit, "the migration is not converging: allowing a longer pause");
