@@ -109,6 +109,12 @@ pub fn arrive(spec: &mut VmSpec, data_dir: &Path) {
 /// is not a store object and is left alone.
 pub fn index_left_copies(data_dir: PathBuf, spec: VmSpec, tenant_key: [u8; 32]) {
     std::thread::spawn(move || {
+        // Idle priority: just now the VM resumes at its new site, on a machine this one may
+        // share CPUs with, and its first moments there are the pause its clients see.
+        unsafe {
+            let idle = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle);
+        }
         for d in &spec.disks {
             let Ok(object) = d.path.strip_prefix(&data_dir) else { continue };
             let object = object.to_string_lossy().into_owned();
@@ -390,6 +396,7 @@ impl DiskMove {
                     ctx.vms.qmp(&self.vm).await?.execute("migrate-continue", json!({"state": "pre-switchover"})).await?;
                     self.summary.final_bytes = bytes;
                     self.summary.final_ms = paused.elapsed().as_secs_f64() * 1e3;
+                    tracing::info!(vm = %self.vm, bytes, ms = self.summary.final_ms, "the last dirty blocks are on their way: QEMU switches over");
                     return Ok(());
                 }
                 "completed" => bail!("QEMU switched over without pausing for the disks"),

@@ -459,12 +459,23 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
             return;
         }
         let status = match shared.vms.qmp(&inc.vm).await {
-            Ok(mut q) => q.status().await,
+            Ok(mut q) => match q.status().await {
+                // Loaded, yet not started: QEMU could not take over its disks (it says why in
+                // its log). It completes the load and starts the VM in one step, so this is final.
+                Ok(s) if s == "paused" && q.migration().await.is_ok_and(|m| m["status"] == "completed") => Ok("loaded-not-started".to_string()),
+                other => other,
+            },
             Err(e) => Err(e),
         };
         // An error means QEMU is exiting: the next round sees it gone.
-        if status.is_ok_and(|s| s == "running") {
+        if status.as_ref().is_ok_and(|s| s == "running") {
             inc.finish(true, String::new());
+            return;
+        }
+        if status.is_ok_and(|s| s == "loaded-not-started") {
+            let log = std::fs::read_to_string(shared.vms.dir(&inc.vm).join("qemu.log")).unwrap_or_default();
+            inc.finish(false, format!("the destination QEMU loaded the VM but did not start it: {}", log.trim()));
+            shared.vms.kill(&inc.vm).await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
