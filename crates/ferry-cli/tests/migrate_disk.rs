@@ -231,6 +231,15 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     assert!(states(&sites, "b").is_empty());
     sites.lab.ferry(&["link", "a-b", "up"]);
 
+    // b's QEMU loads the VM but cannot take its disk over (fault injection: the name it opened
+    // it by is gone): b says so, and the source, whose QEMU had completed, runs the VM on.
+    sites.kill_agent("b");
+    sites.start_agent_with("b", &pki, &[("FERRY_FAULT", "disk-name-lost")]);
+    std::thread::sleep(Duration::from_secs(3));
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b"]);
+    assert_source_runs_on(&sites, out, "a destination QEMU that cannot take its disk over", "loaded the VM but did not start it");
+    assert!(states(&sites, "b").is_empty());
+
     // b writes one of the guest's blocks wrong (fault injection): the digests compared in the
     // pause differ, and the VM runs on at a.
     sites.kill_agent("b");

@@ -354,6 +354,14 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
             return Err(e);
         }
     };
+    // Fault injection for the lab tests: the names QEMU opened its disks by vanish, so that it
+    // loads the VM but cannot take its disks over (it opens them again by name then).
+    if !staged.is_empty() && std::env::var("FERRY_FAULT").is_ok_and(|f| f == "disk-name-lost") {
+        tracing::error!("FERRY_FAULT=disk-name-lost: the destination QEMU's disk names are removed");
+        for p in &opened {
+            let _ = std::fs::remove_file(p);
+        }
+    }
     let (to_qemu, from_session) = mpsc::unbounded_channel();
     inc.reorder.lock().await.to_qemu = Some(to_qemu);
     let (fetched_tx, fetched) = std::sync::mpsc::channel();
@@ -461,8 +469,9 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
         let status = match shared.vms.qmp(&inc.vm).await {
             Ok(mut q) => match q.status().await {
                 // Loaded, yet not started: QEMU could not take over its disks (it says why in
-                // its log). It completes the load and starts the VM in one step, so this is final.
-                Ok(s) if s == "paused" && q.migration().await.is_ok_and(|m| m["status"] == "completed") => Ok("loaded-not-started".to_string()),
+                // its log, and stays "inmigrate"). It completes the load and starts the VM in
+                // one step, so this is final.
+                Ok(s) if (s == "inmigrate" || s == "paused") && q.migration().await.is_ok_and(|m| m["status"] == "completed") => Ok("loaded-not-started".to_string()),
                 other => other,
             },
             Err(e) => Err(e),
