@@ -456,6 +456,7 @@ fn write_stream(
 /// Waits until QEMU runs the VM (the migration succeeded) or exits (it failed).
 async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
     let pid = shared.vms.pid(&inc.vm);
+    let mut loaded_at: Option<Instant> = None;
     loop {
         if inc.outcome_now().is_some() {
             return;
@@ -468,9 +469,9 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
         }
         let status = match shared.vms.qmp(&inc.vm).await {
             Ok(mut q) => match q.status().await {
-                // Loaded, yet not started: QEMU could not take over its disks (it says why in
-                // its log, and stays "inmigrate"). It completes the load and starts the VM in
-                // one step, so this is final.
+                // Loaded, yet not started: QEMU may report the load completed a moment before
+                // it starts the VM, but one that could not take over its disks stays so (it
+                // says why in its log).
                 Ok(s) if (s == "inmigrate" || s == "paused") && q.migration().await.is_ok_and(|m| m["status"] == "completed") => Ok("loaded-not-started".to_string()),
                 other => other,
             },
@@ -481,7 +482,9 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
             inc.finish(true, String::new());
             return;
         }
-        if status.is_ok_and(|s| s == "loaded-not-started") {
+        if !status.as_ref().is_ok_and(|s| s == "loaded-not-started") {
+            loaded_at = None;
+        } else if loaded_at.get_or_insert_with(Instant::now).elapsed() >= NOT_STARTED_AFTER {
             let log = std::fs::read_to_string(shared.vms.dir(&inc.vm).join("qemu.log")).unwrap_or_default();
             inc.finish(false, format!("the destination QEMU loaded the VM but did not start it: {}", log.trim()));
             shared.vms.kill(&inc.vm).await;
@@ -490,6 +493,9 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How long a QEMU may have loaded the VM without starting it before that counts as failure.
+const NOT_STARTED_AFTER: Duration = Duration::from_secs(3);
 
 /// The migration cannot complete here: QEMU goes (unless it already runs the VM).
 async fn abort(shared: &Arc<Shared>, inc: &Arc<Incoming>, why: String) {
