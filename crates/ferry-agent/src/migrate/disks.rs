@@ -365,7 +365,7 @@ impl DiskMove {
     /// A bulk pass still under way finishes first; only then may QEMU switch over (it gets
     /// `limit_ms` back, and `converging` starts), and only then do dirty rounds begin: the
     /// destination's copy is committed, so no older block of the bulk pass can land on a record.
-    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>, bulk: Option<BulkPass<'_>>, limit_ms: u64, converging: &Mutex<Option<Instant>>) -> Result<()> {
+    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>, bulk: Option<BulkPass<'_>>, limit_ms: u64, converging: &Mutex<Option<Instant>>, gate: &super::source::SwitchoverGate) -> Result<()> {
         if let Some(pass) = bulk {
             let out = pass.await?;
             tracing::info!(vm = %self.vm, seconds = out.seconds, sent = out.sent, reused = out.reused, "the disks' bulk pass is committed at the destination");
@@ -382,6 +382,7 @@ impl DiskMove {
             // so gets a longer pause allowed later, as any migration does.
             let rate = SWITCHOVER_RATE;
             ctx.vms.qmp(&self.vm).await?.execute("migrate-set-parameters", json!({"downtime-limit": limit_ms, "avail-switchover-bandwidth": rate})).await.context("letting QEMU switch over")?;
+            gate.open();
             *converging.lock().unwrap() = Some(Instant::now());
         }
         let mut last = Instant::now();

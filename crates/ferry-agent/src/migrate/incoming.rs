@@ -327,7 +327,9 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     shared.vms.start_with_disks(&spec, true, Some(&opened)).await?;
     let setup = async {
         let mut qmp = shared.vms.qmp(&spec.name).await?;
-        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}]})).await?;
+        // A bulk pass still under way: the source holds back this QEMU's go-ahead to switch
+        // over until it is committed (both QEMUs must have the capability).
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "switchover-ack", "state": !staged.is_empty()}]})).await?;
         let path = shared.vms.dir(&spec.name).join("migrate-in.sock");
         let _ = std::fs::remove_file(&path);
         qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", path.display())})).await?;

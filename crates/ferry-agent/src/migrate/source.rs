@@ -485,12 +485,13 @@ async fn staging_opened(mut opened: Vec<tokio::sync::watch::Receiver<Option<[u8;
 }
 
 /// Points the source QEMU at a socket pair and starts its migration; returns the agent's end.
-/// While the disks' bulk pass runs (`hold`), QEMU may not switch over: `downtime-limit` 0.
 async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, rtt: Duration, with_disks: bool, hold: bool) -> Result<UnixStream> {
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
     // The destination runs the moment it has loaded; the return path tells the source QEMU so.
     // With disks, QEMU waits before the switchover for the last dirty blocks to be on their way.
-    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}]})).await?;
+    // While the disks' bulk pass runs (`hold`), QEMU needs the destination's go-ahead to switch
+    // over, which the agent holds back (see `SwitchoverGate`); `downtime-limit` 0 besides.
+    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}, {"capability": "switchover-ack", "state": hold}]})).await?;
     let downtime_limit = if hold { 0 } else { downtime_limit_ms(req.downtime_ms, rtt) };
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
     // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
@@ -621,9 +622,14 @@ async fn relay(
     // once it may.
     let converging = std::sync::Mutex::new(bulk.is_none().then_some(started));
     let converging = &converging;
+    // While the disks' bulk pass runs, the destination's go-ahead to switch over waits here
+    // (see `SwitchoverGate`); everything after it on the return path waits behind it.
+    let gate = Arc::new(SwitchoverGate::new(bulk.is_none()));
+    let (gate_release, follow_gate) = (gate.clone(), gate.clone());
+    let follow_gate = &*follow_gate;
     let follow = async move {
         match disks {
-            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging).await {
+            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging, follow_gate).await {
                 Ok(()) => std::future::pending::<Result<()>>().await,
                 Err(e) => Err(e.context("keeping the destination's disks up to date")),
             },
@@ -632,7 +638,9 @@ async fn relay(
     };
     let mut rp_sock = qemu;
     let die_at_shut = std::env::var("FERRY_FAULT").is_ok_and(|f| f == "source-dies-at-shut");
+    let rp_gate = gate.clone();
     std::thread::spawn(move || {
+        let mut held = Vec::new();
         for data in back_rx {
             // Fault injection for the lab tests: the agent dies just as the destination says
             // it has loaded (and runs) the VM, before the source QEMU hears of it.
@@ -640,9 +648,12 @@ async fn relay(
                 tracing::error!("FERRY_FAULT=source-dies-at-shut: the agent dies now");
                 std::process::abort();
             }
-            if rp_sock.write_all(&data).is_err() {
+            held.extend_from_slice(&data);
+            let ready = rp_gate.pass(&held);
+            if rp_sock.write_all(&held[..ready]).is_err() {
                 return;
             }
+            held.drain(..ready);
         }
     });
     tokio::pin!(pump_thread);
@@ -707,7 +718,54 @@ async fn relay(
     };
     tasks.abort_all();
     window.close();
+    gate_release.open();
     result
+}
+
+/// Holds back the destination's switchover go-ahead (QEMU's `switchover-ack`: without it the
+/// source QEMU never stops the VM) until the disks' bulk pass is committed. QEMU would
+/// otherwise converge on RAM alone — a guest that dirties little soon leaves nothing pending —
+/// and stand still, paused before the switchover, for as long as the pass still runs.
+pub struct SwitchoverGate {
+    open: std::sync::atomic::AtomicBool,
+}
+
+/// The return path's message that lets the source switch over (QEMU's MIG_RP_MSG_SWITCHOVER_ACK).
+const RP_SWITCHOVER_ACK: u16 = 7;
+
+impl SwitchoverGate {
+    fn new(open: bool) -> SwitchoverGate {
+        SwitchoverGate { open: open.into() }
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, Relaxed);
+    }
+
+    /// How much of `rp` (return-path bytes, from a message boundary) may go to QEMU now: whole
+    /// messages before a held go-ahead; at the go-ahead itself the thread waits for the gate.
+    fn pass(&self, rp: &[u8]) -> usize {
+        let mut at = 0;
+        while !self.open.load(Relaxed) && rp.len() - at >= 4 {
+            let kind = u16::from_be_bytes([rp[at], rp[at + 1]]);
+            let len = u16::from_be_bytes([rp[at + 2], rp[at + 3]]) as usize;
+            if kind == RP_SWITCHOVER_ACK {
+                while !self.open.load(Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                break;
+            }
+            if rp.len() - at < 4 + len {
+                return at;
+            }
+            at += 4 + len;
+        }
+        if self.open.load(Relaxed) {
+            rp.len()
+        } else {
+            at
+        }
+    }
 }
 
 /// After a failure: QEMU abandons the migration and, if it had stopped the VM, starts it again.
