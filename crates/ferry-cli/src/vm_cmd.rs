@@ -61,6 +61,10 @@ enum VmCommand {
         /// destination only if they are equal (the pause grows by the time to read a disk).
         #[arg(long)]
         verify_disks: bool,
+        /// Run the RAM migration beside the disks' bulk pass instead of after it: faster at long
+        /// RTT, but a longer pause for clients at short RTT (measured in the README).
+        #[arg(long)]
+        overlap_disks: bool,
         /// Move it stopped: shut the guest down, send its disks, boot it at the destination.
         #[arg(long)]
         cold: bool,
@@ -102,8 +106,8 @@ pub fn run(a: VmArgs) -> Result<()> {
             }
             other => unexpected(other),
         },
-        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks } => {
-            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks });
+        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks, overlap_disks } => {
+            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks, overlap_disks });
             let mut on = |ev: &Event| {
                 if json {
                     return;

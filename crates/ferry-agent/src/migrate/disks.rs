@@ -4,9 +4,10 @@
 //!    engine's block);
 //! 2. the transfer engine sends each disk as it is (a live source: a block that changes under
 //!    it goes as it is when read) to `vms/<vm>/<file>` at the destination, where an older copy,
-//!    a named base, or any chunk the destination holds means less to send. The RAM migration
-//!    runs beside it: the destination's QEMU opens the staging file the engine fills, and QEMU
-//!    is held from switching over (`downtime-limit` 0) until the bulk pass is committed;
+//!    a named base, or any chunk the destination holds means less to send. Then the RAM
+//!    migrates; or, with `overlap_disks`, the RAM migration runs beside the pass: the
+//!    destination's QEMU opens the staging file the engine fills, and the source QEMU may not
+//!    switch over (`switchover-ack`, the go-ahead held back) until the pass is committed;
 //! 3. then, while RAM migrates on, the blocks the guest dirtied are read through QEMU's NBD
 //!    export of a frozen bitmap (a new one records meanwhile) and travel as disk records inside
 //!    the migration stream's batches, which the destination writes to its copy in place;

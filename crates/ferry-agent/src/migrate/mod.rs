@@ -35,6 +35,9 @@ pub struct MigrateRequest {
     /// Hash every disk at both sites during the switchover pause (see `disks.rs`).
     #[serde(default)]
     pub verify_disks: bool,
+    /// The RAM migration runs beside the disks' bulk pass, not after it.
+    #[serde(default)]
+    pub overlap_disks: bool,
 }
 
 /// What MIGRATE_OPEN carries: the VM's spec, and whether the destination boots it (a cold

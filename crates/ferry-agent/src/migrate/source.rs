@@ -389,9 +389,10 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
     let counter = Arc::new(WireCounter::default());
-    // Disks first: their bulk pass goes through the transfer engine while the VM runs on. The
-    // destination's QEMU opens the files it fills, so the RAM migration starts as soon as the
-    // destination has opened them, and runs beside the rest of the pass.
+    // Disks first: their bulk pass goes through the transfer engine while the VM runs on. Then
+    // the RAM migrates; or (`overlap_disks`) the destination's QEMU opens the files the pass
+    // fills, and the RAM migration starts as soon as the destination has opened them and runs
+    // beside the rest of the pass.
     let mut disks = None;
     let mut bulk = None;
     let mut staged = Vec::new();
@@ -400,7 +401,8 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         let mut mv = DiskMove::begin(ctx, &spec).await?;
         mv.verify = req.verify_disks;
         let (opened, mut pass) = mv.bulk(ctx, &req.to, &events);
-        match staging_opened(opened, &mut pass).await {
+        let ready = if req.overlap_disks { staging_opened(opened, &mut pass).await } else { (&mut pass).await.map(|out| (Vec::new(), Some(out))) };
+        match ready {
             Ok((ids, None)) => {
                 staged = ids;
                 bulk = Some(pass);
