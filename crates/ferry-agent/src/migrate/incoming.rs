@@ -464,8 +464,7 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
             return;
         }
         if !pid.is_some_and(process_alive) {
-            let log = std::fs::read_to_string(shared.vms.dir(&inc.vm).join("qemu.log")).unwrap_or_default();
-            inc.finish(false, format!("the destination QEMU exited: {}", log.trim()));
+            inc.finish(false, format!("the destination QEMU exited: {}", qemu_log(&shared, &inc.vm)));
             shared.vms.kill(&inc.vm).await;
             return;
         }
@@ -487,13 +486,17 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
         if !status.as_ref().is_ok_and(|s| s == "loaded-not-started") {
             loaded_at = None;
         } else if loaded_at.get_or_insert_with(Instant::now).elapsed() >= NOT_STARTED_AFTER {
-            let log = std::fs::read_to_string(shared.vms.dir(&inc.vm).join("qemu.log")).unwrap_or_default();
-            inc.finish(false, format!("the destination QEMU loaded the VM but did not start it: {}", log.trim()));
+            inc.finish(false, format!("the destination QEMU loaded the VM but did not start it: {}", qemu_log(&shared, &inc.vm)));
             shared.vms.kill(&inc.vm).await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// What the VM's QEMU wrote to its log (why it failed, when it did).
+fn qemu_log(shared: &Shared, vm: &str) -> String {
+    std::fs::read_to_string(shared.vms.dir(vm).join("qemu.log")).unwrap_or_default().trim().to_string()
 }
 
 /// How long a QEMU may have loaded the VM without starting it before that counts as failure.

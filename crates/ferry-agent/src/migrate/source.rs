@@ -76,7 +76,7 @@ impl Dedup {
     /// The store is locked only around an insert: the pump must never hold it while it waits
     /// for the window, or a page the destination asks for could not be read to answer it.
     fn page(&mut self, data: &[u8], enc: &mut BatchEncoder, store: &Mutex<PageStore>, st: &PumpState) -> Result<()> {
-        if is_zero(data) {
+        if ferry_transfer::scan::is_zero(data) {
             enc.zero_page();
             st.pages_zero.fetch_add(1, Relaxed);
             return Ok(());
@@ -107,11 +107,6 @@ impl Dedup {
         }
         Ok(())
     }
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    let (pre, words, post) = unsafe { data.align_to::<u64>() };
-    pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
 }
 
 /// Reads QEMU's stream until QEMU closes it, handing batches on in stream order; disk records
