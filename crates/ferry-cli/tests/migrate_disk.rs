@@ -168,6 +168,24 @@ fn states(sites: &Sites, site: &str) -> Vec<(String, String)> {
     vms(sites, site).into_iter().map(|(name, _, state)| (name, state)).collect()
 }
 
+/// Starts `ferry vm migrate g1 --to b` in the background; returns once b's QEMU is receiving
+/// and a moment more (so a failure hits a move under way, with the guest's writes flowing).
+fn start_migrate_until_receiving(sites: &Sites) -> std::process::Child {
+    let data = sites.data("a");
+    let mut child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while states(sites, "b").first().is_none_or(|(_, state)| state != "inmigrate") {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!("the migration ended ({}) before b received anything: {}\n{}", out.status, text(&out), tail(&sites.agent_log("a")));
+        }
+        assert!(Instant::now() < deadline, "b never started receiving:\n{}", tail(&sites.agent_log("a")));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+}
+
 /// The move failed clearly, and the guest runs on at a, still writing its disk.
 fn assert_source_runs_on(sites: &Sites, out: std::process::Output, why: &str, expect_in_error: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -213,23 +231,36 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     assert!(states(&sites, "b").is_empty());
 
     // The link goes down while RAM and the guest's writes are on their way.
-    let data = sites.data("a");
-    let mut child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while states(&sites, "b").first().is_none_or(|(_, state)| state != "inmigrate") {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            panic!("the migration ended ({}) before b received anything: {}\n{}", out.status, text(&out), tail(&sites.agent_log("a")));
-        }
-        assert!(Instant::now() < deadline, "b never started receiving:\n{}", tail(&sites.agent_log("a")));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
+    let child = start_migrate_until_receiving(&sites);
     sites.lab.ferry(&["link", "a-b", "down"]);
     assert_source_runs_on(&sites, child.wait_with_output().unwrap(), "cut link", "");
     // What b kept is no VM of its own: it runs nothing, and its copy only serves the next try.
     assert!(states(&sites, "b").is_empty());
     sites.lab.ferry(&["link", "a-b", "up"]);
+
+    // b's agent is killed while the guest's writes are on their way.
+    let child = start_migrate_until_receiving(&sites);
+    sites.kill_agent("b");
+    assert_source_runs_on(&sites, child.wait_with_output().unwrap(), "destination agent killed", "");
+    sites.start_agent("b", &pki);
+    assert!(states(&sites, "b").is_empty());
+
+    // a's agent is killed mid-move: the VM outlives it, still writing. Restarted, the agent
+    // finds it running (b never ran it); what the move left in the source QEMU (dirty bitmaps,
+    // its NBD server) is cleared by the next try below.
+    let child = start_migrate_until_receiving(&sites);
+    sites.kill_agent("a");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the CLI lost its agent: {}", text(&out));
+    sites.start_agent("a", &pki);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while states(&sites, "a") != vec![("g1".to_string(), "running".to_string())] || qemu_copies(&sites) != 1 {
+        assert!(Instant::now() < deadline, "after a's agent died: a {:?}, b {:?}, {} QEMUs\n{}", states(&sites, "a"), states(&sites, "b"), qemu_copies(&sites), tail(&sites.agent_log("a")));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seq = disk_seq(&sites, "a").unwrap();
+    wait_disk_seq_past(&sites, "a", seq + 1, Duration::from_secs(20));
+    assert!(states(&sites, "b").is_empty());
 
     // b's QEMU loads the VM but cannot take its disk over (fault injection: the name it opened
     // it by is gone): b says so, and the source, whose QEMU had completed, runs the VM on.
