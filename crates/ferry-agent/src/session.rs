@@ -208,7 +208,7 @@ pub async fn serve(cfg: Arc<AgentConfig>, identity: Arc<Identity>, migrations: A
         socket.bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
         socket.listen(1024)?
     };
-    let receiver_cfg = Arc::new(ReceiverConfig { data_dir: cfg.data_dir.clone(), tenant_key: cfg.tenant_key()? });
+    let receiver_cfg = Arc::new(ReceiverConfig { older_copy: crate::migrate::disks::older_copy, ..ReceiverConfig::new(cfg.data_dir.clone(), cfg.tenant_key()?) });
     let sessions: Arc<Mutex<HashMap<[u8; 16], Weak<receiver::Session>>>> = Arc::default();
     tracing::info!(site = %cfg.site, listen = %cfg.listen, "agent accepting sessions");
     loop {

@@ -399,6 +399,7 @@ impl Vms {
         for i in 0..vm.spec.nics.len() {
             let _ = ip(&["link", "del", &tap_name(name, i)]);
         }
+        crate::migrate::disk_view::detach_all(&self.dir(name), vm.spec.disks.len());
         let _ = std::fs::remove_file(self.dir(name).join("pid"));
     }
 

@@ -45,8 +45,9 @@ fn write_spec(dir: &Path, disk: &Path, memory: &str) -> PathBuf {
 
 fn write_spec_ring(dir: &Path, disk: &Path, memory: &str, ring_at: u64) -> PathBuf {
     let image = ferry_lab::guest_image::build_guest_image(Path::new(ferry_lab::guest_image::DEFAULT_CACHE)).unwrap();
+    let format = if disk.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
     let spec = format!(
-        "name = \"g1\"\nmemory_mib = 256\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\nappend = \"console=ttyS0 quiet panic=-1 ferry.ip=198.19.1.10/24 ferry.gw=198.19.1.1 {memory} ferry.disk=/dev/vda ferry.disk_rate=1M ferry.disk_offset={ring_at} ferry.disk_span={RING}\"\n[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:12:01:0a\"\n[[disks]]\npath = \"{}\"\n",
+        "name = \"g1\"\nmemory_mib = 256\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\nappend = \"console=ttyS0 quiet panic=-1 ferry.ip=198.19.1.10/24 ferry.gw=198.19.1.1 {memory} ferry.disk=/dev/vda ferry.disk_rate=1M ferry.disk_offset={ring_at} ferry.disk_span={RING}\"\n[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:12:01:0a\"\n[[disks]]\npath = \"{}\"\nformat = \"{format}\"\n",
         image.kernel.display(),
         image.initrd.display(),
         disk.display()
@@ -161,6 +162,84 @@ fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     assert!(written >= 3);
     assert_eq!(hash_range(&disk_b, 0, ring2), hash_range(&disk_a, 0, ring2));
     assert_eq!(hash_range(&disk_b, ring2 + RING, DISK), hash_range(&disk_a, ring2 + RING, DISK));
+}
+
+/// `qemu-img` on a lab disk.
+fn qemu_img(args: &[&str]) -> String {
+    let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A qcow2 image of what `write_disk` writes.
+fn write_qcow2_disk(path: &Path, data: u64, changed: u64) {
+    let raw = path.with_extension("raw-source");
+    write_disk(&raw, data, changed);
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), path.to_str().unwrap()]);
+    std::fs::remove_file(raw).unwrap();
+}
+
+/// The guest's bytes of a qcow2 disk, as a raw file beside it.
+fn guest_bytes(qcow2: &Path) -> PathBuf {
+    let raw = qcow2.with_extension("guest.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", qcow2.to_str().unwrap(), raw.to_str().unwrap()]);
+    raw
+}
+
+#[test]
+fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
+    let _serial = serial();
+    let sites = Sites::on(Lab::up("tdskq", &["--no-client", "--rtt", "20ms"]));
+    // b holds an older version of the image (not in its content store: it was put there by
+    // hand, and the pass still finds it, as the older copy of the disk).
+    let disk_a = sites.data("a").join("vms/g1/disk.qcow2");
+    let disk_b = sites.data("b").join("vms/g1/disk.qcow2");
+    write_qcow2_disk(&disk_a, DATA >> 20, 2);
+    write_qcow2_disk(&disk_b, DATA >> 20, 1);
+    let spec = write_spec(&sites.root, &disk_a, "ferry.mem=64M ferry.dirty=1M");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    let before = wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));
+
+    // The pass reads the guest's bytes through the source QEMU (the image's own bytes are its
+    // format), and b makes them a qcow2 image again; the records follow through b's QEMU.
+    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json", "--verify-disks", "--overlap-disks"]);
+    let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("a→b: {moved}");
+    let d = &moved["disks"];
+    assert_eq!(d["verified"], true, "{moved}");
+    assert_eq!(d["bytes"].as_u64(), Some(DISK), "the guest's size, not the image file's: {d}");
+    assert!(d["bulk_reused"].as_u64().unwrap() >= 56 << 20, "{d}");
+    assert!(d["bulk_sent"].as_u64().unwrap() < 24 << 20, "{d}");
+    assert!(sites.agent_log("a").contains("--overlap-disks does not apply"), "{}", tail(&sites.agent_log("a")));
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&["info", "--output", "json", "-U", disk_b.to_str().unwrap()])).unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"].as_u64(), Some(DISK), "{info}");
+    assert!(info["actual-size"].as_u64().unwrap() < DISK / 2, "sparse stays sparse: {info}");
+    let at_b = wait_disk_seq_past(&sites, "b", before + 2, Duration::from_secs(20));
+
+    // And back: a's image (the one the VM left) is the older copy now.
+    let out = vm_ok(&sites, "b", &["migrate", "g1", "--to", "a", "--json", "--verify-disks"]);
+    let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("b→a: {back}");
+    assert_eq!(back["disks"]["verified"], true, "{back}");
+    assert!(back["disks"]["bulk_reused"].as_u64().unwrap() >= 60 << 20, "{back}");
+    assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
+    // The exports QEMU made for the move are gone at both sites.
+    for site in ["a", "b"] {
+        let view = sites.data(site).join(".ferry/vms/g1/disk0.ferry-view");
+        assert!(!view.exists(), "{} is left", view.display());
+    }
+    wait_disk_seq_past(&sites, "a", at_b + 2, Duration::from_secs(20));
+    vm_ok(&sites, "a", &["stop", "g1", "--force"]);
+
+    // b's image is as the VM left it at the second switchover; a's has every record b's had,
+    // and what the guest wrote since.
+    let (raw_a, raw_b) = (guest_bytes(&disk_a), guest_bytes(&disk_b));
+    let check = ferry_lab::disk_records::check_moved(&raw_b, &raw_a, RING_AT, RING).unwrap_or_else(|e| panic!("{e:#}\nagent a:\n{}", tail(&sites.agent_log("a"))));
+    println!("records: {check}");
+    assert!(check.compared_any() && check.source_max_seq >= at_b && check.dest_max_seq > check.source_max_seq, "{check}");
+    assert_eq!(hash_range(&raw_a, 0, RING_AT), hash_range(&raw_b, 0, RING_AT));
+    assert_eq!(hash_range(&raw_a, RING_AT + RING, DISK), hash_range(&raw_b, RING_AT + RING, DISK));
 }
 
 /// The VMs a site runs, by name → state.

@@ -21,6 +21,15 @@ use std::sync::{Arc, Mutex};
 pub struct ReceiverConfig {
     pub data_dir: PathBuf,
     pub tenant_key: [u8; 32],
+    /// Where an older copy of the object bound for a path may be when not at that path (a site
+    /// that lands some objects beside their place, as a raw file it turns into another format).
+    pub older_copy: fn(&Path) -> Option<PathBuf>,
+}
+
+impl ReceiverConfig {
+    pub fn new(data_dir: PathBuf, tenant_key: [u8; 32]) -> ReceiverConfig {
+        ReceiverConfig { data_dir, tenant_key, older_copy: |_| None }
+    }
 }
 
 /// What the connections of one session share.
@@ -220,6 +229,12 @@ fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chun
     // The older copy at the same path counts even when nothing indexed it as it is now.
     if dest.exists() && !dest_indexed {
         local.add_file(&dest, chunker, &hasher)?;
+    }
+    if let Some(older) = (cfg.older_copy)(&dest).filter(|p| p.exists()) {
+        let indexed = older.strip_prefix(&cfg.data_dir).is_ok_and(|o| catalog::is_current(&cfg.data_dir, &o.to_string_lossy(), &older));
+        if !indexed {
+            local.add_file(&older, chunker, &hasher)?;
+        }
     }
     if let Some(base) = base {
         let base_path = resolve(&cfg.data_dir, base)?;

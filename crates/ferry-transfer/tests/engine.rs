@@ -39,7 +39,7 @@ async fn transfer(data_dir: &Path, source: &Path, dest: &str, connections: usize
 async fn transfer_with(data_dir: &Path, source: &Path, dest: &str, connections: usize, chunker: Chunker) -> anyhow::Result<Arc<Progress>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let session = Session::new(Arc::new(ReceiverConfig { data_dir: data_dir.to_path_buf(), tenant_key: KEY }));
+    let session = Session::new(Arc::new(ReceiverConfig::new(data_dir.to_path_buf(), KEY)));
     let server = tokio::spawn(async move {
         for _ in 0..connections {
             let (tcp, _) = listener.accept().await.unwrap();

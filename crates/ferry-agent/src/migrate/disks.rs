@@ -3,7 +3,8 @@
 //! 1. the source QEMU starts a dirty bitmap on every disk (64 KiB granularity, the transfer
 //!    engine's block);
 //! 2. the transfer engine sends each disk as it is (a live source: a block that changes under
-//!    it goes as it is when read) to `vms/<vm>/<file>` at the destination, where an older copy,
+//!    it goes as it is when read; a qcow2 disk goes as the guest's bytes, see `disk_view`) to
+//!    `vms/<vm>/<file>` at the destination, where an older copy,
 //!    a named base, or any chunk the destination holds means less to send. Then the RAM
 //!    migrates; or, with `overlap_disks`, the RAM migration runs beside the pass: the
 //!    destination's QEMU opens the staging file the engine fills, and the source QEMU may not
@@ -58,6 +59,27 @@ pub fn object_name(vm: &str, disk: &DiskSpec) -> String {
     format!("vms/{vm}/{file}")
 }
 
+/// Where a live move's bulk pass puts a disk at the destination: its place; or, for a qcow2
+/// disk (its pass carries the guest's bytes), a raw file beside it, which the destination makes
+/// the qcow2 image at its place before its QEMU opens it (`disk_view`).
+pub fn landing_name(vm: &str, disk: &DiskSpec) -> String {
+    let object = object_name(vm, disk);
+    if disk.format != "qcow2" {
+        return object;
+    }
+    match object.rsplit_once('/') {
+        Some((dir, file)) => format!("{dir}/.{file}.ferry-raw"),
+        None => format!(".{object}.ferry-raw"),
+    }
+}
+
+/// The disk a landing file (`landing_name`) becomes: its older version there counts for the pass.
+pub fn older_copy(landing: &Path) -> Option<PathBuf> {
+    let name = landing.file_name()?.to_str()?;
+    let disk = name.strip_prefix('.')?.strip_suffix(".ferry-raw")?;
+    Some(landing.with_file_name(disk))
+}
+
 /// Two disks of one VM named alike would land on one file at the destination.
 pub fn refuse_shared_names(spec: &VmSpec) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
@@ -97,7 +119,7 @@ pub const PUMP_QUEUE: usize = 8;
 /// How a disk goes through the transfer engine, live (its bulk pass) or cold: to its place at
 /// the destination, in the dirty bitmap's blocks, its base counting.
 pub fn disk_send(vm: &str, disk: &DiskSpec, to: &str, live: bool) -> SendRequest {
-    SendRequest { source: disk.path.clone(), to: to.to_string(), dest_path: object_name(vm, disk), base: disk.base.clone(), block: GRANULARITY as u32, cdc: false, zstd_level: 1, retries: 2, live }
+    SendRequest { source: disk.path.clone(), to: to.to_string(), dest_path: if live { landing_name(vm, disk) } else { object_name(vm, disk) }, base: disk.base.clone(), block: GRANULARITY as u32, cdc: false, zstd_level: 1, retries: 2, live }
 }
 
 /// The destination's view of the spec: each disk at its place under this site's data dir.
@@ -220,11 +242,16 @@ struct Moving {
     index: u8,
     spec: DiskSpec,
     node: String,
+    /// Where the guest's bytes are read: the file itself when raw; for qcow2, QEMU's plain-file
+    /// export of it (`disk_view`).
+    content: PathBuf,
 }
 
 pub struct DiskMove {
     vm: String,
     disks: Vec<Moving>,
+    /// The VM's directory at this site (its NBD socket and disk views are there).
+    dir: PathBuf,
     nbd_socket: PathBuf,
     generation: u32,
     /// Both sides hash every disk in the pause and the destination compares (`--verify-disks`).
@@ -247,20 +274,20 @@ impl DiskMove {
         }
         refuse_shared_names(spec)?;
         for d in &spec.disks {
-            if d.format != "raw" {
-                bail!("VM {}: disk {} is {}; ferry moves raw disks live (qcow2 is not done yet) — nothing was changed", spec.name, d.path.display(), d.format);
+            if !matches!(d.format.as_str(), "raw" | "qcow2") {
+                bail!("VM {}: disk {} is {}; ferry moves raw and qcow2 disks live — nothing was changed", spec.name, d.path.display(), d.format);
             }
         }
         let mut qmp = ctx.vms.qmp(&spec.name).await?;
         let blocks = qmp.execute("query-block", json!({})).await?;
         let mut disks = Vec::new();
         for (i, d) in spec.disks.iter().enumerate() {
-            let device = format!("disk{i}");
-            let node = blocks.as_array().into_iter().flatten().find(|b| b["device"] == device.as_str()).and_then(|b| b["inserted"]["node-name"].as_str()).with_context(|| format!("QEMU has no block device {device}"))?;
-            disks.push(Moving { index: i as u8, spec: d.clone(), node: node.to_string() });
+            let node = super::disk_view::node_of(&blocks, i)?;
+            disks.push(Moving { index: i as u8, spec: d.clone(), node, content: d.path.clone() });
         }
-        let nbd_socket = ctx.vms.dir(&spec.name).join("nbd.sock");
-        let mv = DiskMove { vm: spec.name.clone(), disks, nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() }, feed: Default::default(), key: ctx.cfg.tenant_key()? };
+        let dir = ctx.vms.dir(&spec.name);
+        let nbd_socket = dir.join("nbd.sock");
+        let mut mv = DiskMove { vm: spec.name.clone(), disks, dir: dir.clone(), nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() }, feed: Default::default(), key: ctx.cfg.tenant_key()? };
         // Left over from an attempt whose agent died: start clean.
         mv.end(&mut qmp).await;
         for b in blocks.as_array().into_iter().flatten() {
@@ -279,6 +306,18 @@ impl DiskMove {
             mv.end(&mut qmp).await;
             return Err(e.context("starting the source QEMU's NBD server"));
         }
+        let pid = ctx.vms.pid(&spec.name).context("the VM's QEMU is gone")?;
+        for i in 0..mv.disks.len() {
+            if mv.disks[i].spec.format == "qcow2" {
+                match super::disk_view::export(&mut qmp, pid, &dir, mv.disks[i].index, &mv.disks[i].node.clone(), false).await {
+                    Ok(view) => mv.disks[i].content = view,
+                    Err(e) => {
+                        mv.end(&mut qmp).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
         Ok(mv)
     }
 
@@ -291,6 +330,9 @@ impl DiskMove {
             }
         }
         let _ = qmp.execute("nbd-server-stop", json!({})).await;
+        for d in self.disks.iter().filter(|d| d.spec.format == "qcow2") {
+            super::disk_view::unexport(qmp, &self.dir, d.index).await;
+        }
         for g in 0..=self.generation {
             for d in &self.disks {
                 let _ = qmp.execute("block-dirty-bitmap-remove", json!({"node": d.node, "name": bitmap(g)})).await;
@@ -312,7 +354,8 @@ impl DiskMove {
         let mut opened = Vec::new();
         let mut sends = Vec::new();
         for d in &self.disks {
-            let req = disk_send(&self.vm, &d.spec, to, true);
+            let mut req = disk_send(&self.vm, &d.spec, to, true);
+            req.source = d.content.clone();
             let (tx, mut rx) = mpsc::unbounded_channel();
             let events = events.clone();
             let forward = async move {
@@ -395,7 +438,7 @@ impl DiskMove {
                     let paused = Instant::now();
                     let bytes = self.round(ctx, &pump, true).await?;
                     if self.verify {
-                        let disks: Vec<(u8, PathBuf)> = self.disks.iter().map(|d| (d.index, d.spec.path.clone())).collect();
+                        let disks: Vec<(u8, PathBuf)> = self.disks.iter().map(|d| (d.index, d.content.clone())).collect();
                         let pump = pump.clone();
                         tokio::task::spawn_blocking(move || -> Result<()> {
                             let mut enc = BatchEncoder::default();

@@ -324,6 +324,23 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         inc.finish(true, String::new());
         return Ok(Bytes::new());
     }
+    // A live move's bulk pass carried each disk's guest bytes: a qcow2 disk is made one again.
+    if !staged.is_empty() && spec.disks.iter().any(|d| d.format != "raw") {
+        bail!("a qcow2 disk cannot be opened while its bulk pass fills it");
+    }
+    // (Made already, by an earlier try of this setup, when the raw file is gone.) A retry after
+    // a failure finds the image as the older copy of the disk (`disks::older_copy`).
+    let data_dir = shared.vms.data_dir().to_path_buf();
+    for d in spec.disks.iter().filter(|d| d.format == "qcow2") {
+        let landing = super::disks::landing_name(&spec.name, d);
+        let (raw, path) = (data_dir.join(&landing), d.path.clone());
+        if !raw.exists() {
+            continue;
+        }
+        tokio::task::spawn_blocking(move || super::disk_view::raw_to_qcow2(&raw, &path)).await??;
+        ferry_transfer::catalog::forget(&data_dir, &landing);
+        ferry_transfer::catalog::forget(&data_dir, &super::disks::object_name(&spec.name, d));
+    }
     shared.vms.start_with_disks(&spec, true, Some(&opened)).await?;
     let setup = async {
         let mut qmp = shared.vms.qmp(&spec.name).await?;
@@ -349,6 +366,14 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
             return Err(e);
         }
     };
+    // The records are the guest's bytes: a qcow2 disk takes them through its QEMU, which
+    // exports it as a plain file (and so takes the image over before the switchover, as an NBD
+    // export for a mirror would).
+    let mut opened = opened;
+    if let Err(e) = export_views(shared, &spec, &mut opened).await {
+        shared.vms.kill(&spec.name).await;
+        return Err(e);
+    }
     let disks = match DiskWriter::open(&opened) {
         Ok(d) => d,
         Err(e) => {
@@ -481,6 +506,7 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
         // An error means QEMU is exiting: the next round sees it gone.
         if status.as_ref().is_ok_and(|s| s == "running") {
             inc.finish(true, String::new());
+            unexport_views(&shared, &inc.vm).await;
             return;
         }
         if !status.as_ref().is_ok_and(|s| s == "loaded-not-started") {
@@ -491,6 +517,38 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Each qcow2 disk's path for the disk writer becomes its QEMU's plain-file export of it.
+async fn export_views(shared: &Shared, spec: &crate::vm::VmSpec, opened: &mut [std::path::PathBuf]) -> Result<()> {
+    if spec.disks.iter().all(|d| d.format != "qcow2") {
+        return Ok(());
+    }
+    let pid = shared.vms.pid(&spec.name).context("the destination QEMU is gone")?;
+    let mut qmp = shared.vms.qmp(&spec.name).await?;
+    let blocks = qmp.execute("query-block", json!({})).await?;
+    for (i, d) in spec.disks.iter().enumerate() {
+        if d.format != "qcow2" {
+            continue;
+        }
+        let node = super::disk_view::node_of(&blocks, i)?;
+        opened[i] = super::disk_view::export(&mut qmp, pid, &shared.vms.dir(&spec.name), i as u8, &node, true).await?;
+    }
+    Ok(())
+}
+
+/// The VM runs: its qcow2 disks' exports, which took the records, go.
+async fn unexport_views(shared: &Shared, vm: &str) {
+    let Ok(spec) = shared.vms.spec(vm) else { return };
+    if spec.disks.iter().all(|d| d.format != "qcow2") {
+        return;
+    }
+    let Ok(mut qmp) = shared.vms.qmp(vm).await else { return };
+    for (i, d) in spec.disks.iter().enumerate() {
+        if d.format == "qcow2" {
+            super::disk_view::unexport(&mut qmp, &shared.vms.dir(vm), i as u8).await;
+        }
     }
 }
 

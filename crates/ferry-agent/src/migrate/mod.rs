@@ -5,6 +5,7 @@
 //! once the destination has loaded everything and runs.
 pub mod batch;
 pub mod cold;
+pub mod disk_view;
 pub mod disks;
 pub mod doubt;
 pub mod incoming;

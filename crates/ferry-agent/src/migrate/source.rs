@@ -396,7 +396,13 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         let mut mv = DiskMove::begin(ctx, &spec).await?;
         mv.verify = req.verify_disks;
         let (opened, mut pass) = mv.bulk(ctx, &req.to, &events);
-        let ready = if req.overlap_disks { staging_opened(opened, &mut pass).await } else { (&mut pass).await.map(|out| (Vec::new(), Some(out))) };
+        // A qcow2 disk's pass carries the guest's bytes, which the destination makes qcow2
+        // again only once they are all there: its QEMU cannot open them before.
+        let overlap = req.overlap_disks && spec.disks.iter().all(|d| d.format == "raw");
+        if req.overlap_disks && !overlap {
+            tracing::info!(vm = %req.vm, "a qcow2 disk moves whole before the RAM: --overlap-disks does not apply");
+        }
+        let ready = if overlap { staging_opened(opened, &mut pass).await } else { (&mut pass).await.map(|out| (Vec::new(), Some(out))) };
         match ready {
             Ok((ids, None)) => {
                 staged = ids;
