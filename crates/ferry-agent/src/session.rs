@@ -162,10 +162,22 @@ pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -
 /// handshake measures the RTT (one round trip, at no extra cost) and the rest are dialled at
 /// once, every TLS handshake in parallel. HELLO goes out without waiting for its answer.
 pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
+    open_n(cfg, identity, warm, to_site, counter, None).await
+}
+
+/// A session of one connection, for a question and its answer: it leaves the warm pool to the
+/// transfer that follows (a pool it had emptied would make that transfer dial afresh).
+pub async fn open_one(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str) -> Result<Conn<BoxStream>> {
+    let (conns, _) = open_n(cfg, identity, warm, to_site, Arc::new(WireCounter::default()), Some(1)).await?;
+    conns.into_iter().next().context("no connection")
+}
+
+async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>, limit: Option<usize>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
     let addr = cfg.peer(to_site)?;
     let session: [u8; 16] = rand_bytes();
+    let wanted = |rtt: Duration| limit.unwrap_or(usize::MAX).min(connections_for(cfg.link_rate_bps, rtt));
     let (mut ready, mut rtt) = match warm.rtt(to_site) {
-        Some(r) => warm.take(to_site, connections_for(cfg.link_rate_bps, r)).await,
+        Some(r) => warm.take(to_site, wanted(r)).await,
         None => (Vec::new(), None),
     };
     let mut first_fresh = None;
@@ -175,7 +187,7 @@ pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: 
         first_fresh = Some(IdleConn::new(Framed::new(stream, FrameCodec), slot));
     }
     let rtt = rtt.expect("measured");
-    let n = connections_for(cfg.link_rate_bps, rtt);
+    let n = wanted(rtt);
     let warm_count = ready.len();
     ready.extend(first_fresh);
     let fresh = futures::future::try_join_all((ready.len()..n).map(|_| async move {

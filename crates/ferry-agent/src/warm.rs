@@ -80,10 +80,16 @@ impl Warm {
         for (site, pool) in &self.peers {
             let rtt = *pool.rtt.lock().unwrap();
             let ready = pool.idle.lock().await.len();
-            out.insert(site.clone(), PeerStatus { ready, wanted: rtt.map_or(0, |r| connections_for(link_rate_bps, r)), rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3) });
+            out.insert(site.clone(), PeerStatus { ready, wanted: rtt.map_or(0, |r| pool_size(link_rate_bps, r)), rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3) });
         }
         out
     }
+}
+
+/// One more than a transfer takes: the question a move asks first (does the destination run
+/// this VM?) leaves the transfer that follows a whole set, with nothing to dial.
+fn pool_size(link_rate_bps: u64, rtt: Duration) -> usize {
+    connections_for(link_rate_bps, rtt) + 1
 }
 
 async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, pool: Arc<PeerPool>) {
@@ -91,7 +97,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
     let mut failures = 0u32;
     loop {
         let rtt = *pool.rtt.lock().unwrap();
-        let target = rtt.map_or(2, |r| connections_for(cfg.link_rate_bps, r));
+        let target = rtt.map_or(2, |r| pool_size(cfg.link_rate_bps, r));
         let have = pool.idle.lock().await.len();
         if have < target {
             let dials = (have..target).map(|_| dial(&identity, &site, addr));

@@ -53,6 +53,8 @@ pub struct LiveDiskBench {
     pub ring_span: u64,
     /// ferry's return trip after its move to b.
     pub return_trip: bool,
+    /// ferry's RAM migration runs beside the disks' bulk pass (`--overlap-disks`).
+    pub overlap_disks: bool,
 }
 
 /// The VM's name for ferry, and where its disk lives under a site's data directory (where
@@ -224,6 +226,9 @@ impl Moves<'_> {
         let kept_ring = work.join("ring-at-first-switchover.raw");
         let mut procs = SiteProcesses::new(&ctx.cfg.name, work.join("logs"));
         let mut vm = SiteVm::new(&b.ferry_exe, VM);
+        if self.bench.overlap_disks {
+            vm.migrate_flags.push("--overlap-disks".into());
+        }
         let mut first_outside = None;
         let result = (|| -> Result<()> {
             if with_disk {

@@ -14,6 +14,8 @@ pub struct SiteVm {
     pub name: String,
     /// Raw disks the spec gives the VM (virtio, in this order), as paths at the starting site.
     pub disks: Vec<PathBuf>,
+    /// Flags every `ferry vm migrate` of this VM gets (e.g. `--overlap-disks`).
+    pub migrate_flags: Vec<String>,
 }
 
 /// What `ferry vm migrate --json` printed, and how long the command took.
@@ -24,7 +26,7 @@ pub struct Migrated {
 
 impl SiteVm {
     pub fn new(exe: &Path, name: &str) -> SiteVm {
-        SiteVm { exe: exe.to_path_buf(), name: name.to_string(), disks: Vec::new() }
+        SiteVm { exe: exe.to_path_buf(), name: name.to_string(), disks: Vec::new(), migrate_flags: Vec::new() }
     }
 
     fn vm(&self, data: &Path, args: &[&str], limit: Duration) -> Result<String> {
@@ -84,7 +86,9 @@ impl SiteVm {
     /// `ferry vm migrate NAME --to TO --json` from the site whose data directory is `data`.
     pub fn migrate(&self, data: &Path, to: &str, limit: Duration) -> Result<Migrated> {
         let started = Instant::now();
-        let out = self.vm(data, &["migrate", &self.name, "--to", to, "--json"], limit)?;
+        let mut args = vec!["migrate", &self.name, "--to", to, "--json"];
+        args.extend(self.migrate_flags.iter().map(String::as_str));
+        let out = self.vm(data, &args, limit)?;
         let seconds = started.elapsed().as_secs_f64();
         let summary = serde_json::from_str(out.trim()).with_context(|| format!("the migration's summary: {out:?}"))?;
         Ok(Migrated { summary, seconds })

@@ -44,6 +44,9 @@ pub struct LiveArgs {
     /// With --disk: no return trip after ferry's move.
     #[arg(long)]
     no_return: bool,
+    /// With --disk: ferry's moves run the RAM migration beside the disks' bulk pass.
+    #[arg(long)]
+    overlap_disks: bool,
     /// Runs of every method at each RTT (the median is reported).
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -152,7 +155,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 lab: a.lab,
             };
             if a.disk {
-                let disk = LiveDiskBench { live: bench, methods: disk_methods, disk_rate: a.disk_rate, ring_span: a.disk_span, return_trip: !a.no_return };
+                let disk = LiveDiskBench { live: bench, methods: disk_methods, disk_rate: a.disk_rate, ring_span: a.disk_span, return_trip: !a.no_return, overlap_disks: a.overlap_disks };
                 live_disk::run(&disk)?;
                 disk.live.out_dir
             } else {

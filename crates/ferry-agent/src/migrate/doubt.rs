@@ -5,8 +5,8 @@
 //! ("ferry-hold"), so the agent's death alone does not make QEMU abandon the migration and
 //! restart the VM on its own.
 use super::source::SourceContext;
-use crate::session::{self, WireCounter};
-use anyhow::{bail, Context, Result};
+use crate::session;
+use anyhow::{bail, Result};
 use bytes::Bytes;
 use ferry_proto::{Message, MigrationId};
 use ferry_transfer::wire;
@@ -14,7 +14,6 @@ use futures::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The name under which QEMU keeps the agent's end of the migration socket.
@@ -51,8 +50,7 @@ pub fn read(vm_dir: &Path) -> Option<(MigrationId, String)> {
 /// The destination's word on a migration: `Some(running)` once decided, `None` while it is
 /// still under way there.
 pub async fn ask(ctx: &SourceContext<'_>, vm: &str, to: &str, migration: MigrationId) -> Result<Option<(bool, String)>> {
-    let (mut conns, _) = session::open(ctx.cfg, ctx.identity, ctx.warm, to, Arc::new(WireCounter::default())).await?;
-    let conn = conns.first_mut().context("no connection")?;
+    let conn = &mut session::open_one(ctx.cfg, ctx.identity, ctx.warm, to).await?;
     // An empty spec asks how the migration ended; it never starts anything.
     conn.send(Message::MigrateOpen { migration, vm: vm.into(), spec: Bytes::new() }).await?;
     loop {
