@@ -177,6 +177,9 @@ pub(crate) fn print_row(r: &LiveRow) {
         r.wire_bytes() as f64 / 1e6,
         r.guest_check
     );
+    if !r.probe_gaps.is_empty() {
+        println!("   {:<22} client's gaps over 50 ms (s into the move + ms): {}", "", r.probe_gaps);
+    }
 }
 
 /// Fills the row's wire and probe figures from what a window saw.
@@ -190,6 +193,8 @@ pub(crate) fn seen_figures(row: &mut LiveRow, seen: Seen) {
             row.probe_lost = r.lost;
             row.probe_lost_ms = lost_ms;
             row.probe_longest_gap_ms = gap;
+            let lead = crate::measure::PROBE_LEAD.as_secs_f64();
+            row.probe_gaps = r.long_gaps.iter().map(|(at, ms)| format!("{:.2}+{ms:.0}", at - lead)).collect::<Vec<_>>().join(" ");
         }
         Err(e) => {
             row.error.get_or_insert(format!("the probe failed: {e:#}"));

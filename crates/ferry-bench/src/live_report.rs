@@ -31,6 +31,10 @@ pub struct LiveRow {
     pub probe_lost: u64,
     pub probe_lost_ms: f64,
     pub probe_longest_gap_ms: Option<f64>,
+    /// Every gap over 50 ms, as `start+length` (s after the move started, ms): a pause at the
+    /// switchover, or a guest slowed before it.
+    #[serde(default)]
+    pub probe_gaps: String,
     /// IP bytes the lab's forwarder delivered source → destination and back.
     pub wire_forward_bytes: u64,
     pub wire_back_bytes: u64,

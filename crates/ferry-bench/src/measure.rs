@@ -32,12 +32,15 @@ pub struct Seen {
     pub probe: Result<ProbeReport>,
 }
 
+/// How long the probe runs before the move starts.
+pub const PROBE_LEAD: Duration = Duration::from_millis(500);
+
 impl Window {
     /// Starts probing `target` from site `client` (for at most `longest`) and reads the counters.
     pub fn open(lab: &LabConfig, client: &str, target: SocketAddr, longest: Duration) -> Result<Window> {
         let prober = Prober::start(lab, client, target, PROBE_INTERVAL, longest)?;
         // Some probes answered before the move starts: gaps are measured from a live guest.
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(PROBE_LEAD);
         Ok(Window { lab: lab.name.clone(), before: lab::status(&lab.name)?, after: None, prober })
     }
 

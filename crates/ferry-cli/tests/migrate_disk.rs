@@ -199,6 +199,13 @@ fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
     let spec = write_spec(&sites.root, &disk_a, "ferry.mem=64M ferry.dirty=1M");
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     let before = wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));
+    // The VM's scheduling group ranks above the agents' (their hashing and compressing must not
+    // starve its vCPU).
+    if std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled").is_ok_and(|v| v.trim() == "1") {
+        let pid = vms(&sites, "a")[0].1;
+        let group = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap();
+        assert!(group.trim_end().ends_with("nice -5"), "{group}");
+    }
 
     // The pass reads the guest's bytes through the source QEMU (the image's own bytes are its
     // format), and b makes them a qcow2 image again; the records follow through b's QEMU.

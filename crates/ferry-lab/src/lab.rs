@@ -91,6 +91,10 @@ pub fn bridge_mac(site: &Site) -> String {
     format!("02:00:c6:13:{:02x}:01", site.index)
 }
 
+/// The forwarder's scheduling group's nice value: ahead of a VM's group (-5) and of the
+/// agents' (0).
+const FORWARDER_GROUP_NICE: &[u8] = b"-10";
+
 fn start_forwarder(cfg: &LabConfig, ferry_exe: &Path) -> Result<()> {
     let dir = state_dir(&cfg.name);
     let log = std::fs::File::create(dir.join("forwarder.log"))?;
@@ -100,10 +104,18 @@ fn start_forwarder(cfg: &LabConfig, ferry_exe: &Path) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // Its own session: the forwarder outlives the `up` command and its terminal.
+    // Its own session: the forwarder outlives the `up` command and its terminal. The session
+    // is its scheduling group (autogroup), ranked above everything under test: the emulated
+    // links are the network, which no guest or agent on this machine should slow down (the
+    // lab saw its threads wait 50 ms for a CPU while agents hashed and compressed).
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
+            let fd = libc::open(c"/proc/self/autogroup".as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, FORWARDER_GROUP_NICE.as_ptr().cast(), FORWARDER_GROUP_NICE.len());
+                libc::close(fd);
+            }
             Ok(())
         });
     }

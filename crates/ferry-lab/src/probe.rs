@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"FPRB";
+/// A gap between replies worth listing (s): five probes unanswered.
+const LONG_GAP: f64 = 0.05;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeReport {
@@ -23,6 +25,10 @@ pub struct ProbeReport {
     pub longest_gap_ms: Option<f64>,
     /// When that gap began, seconds after the probe started.
     pub longest_gap_at_s: Option<f64>,
+    /// Every gap between replies over 50 ms: (began, seconds after the probe started; length,
+    /// ms). Tells a pause at switchover from a guest slowed before it.
+    #[serde(default)]
+    pub long_gaps: Vec<(f64, f64)>,
 }
 
 pub fn run_probe(target: SocketAddr, interval: Duration, duration: Duration) -> Result<ProbeReport> {
@@ -95,6 +101,7 @@ fn summarise(target: SocketAddr, interval: Duration, duration: Duration, sent: u
         rtt_max_ms: sorted.last().copied(),
         longest_gap_ms: gap.map(|g| g.0 * 1e3),
         longest_gap_at_s: gap.map(|g| g.1),
+        long_gaps: replies.windows(2).filter(|w| w[1] - w[0] > LONG_GAP).map(|w| (w[0], (w[1] - w[0]) * 1e3)).collect(),
     }
 }
 

@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod compress;
 pub mod local;
 pub mod manifest;
+pub mod priority;
 pub mod progress;
 pub mod receiver;
 pub mod scan;

@@ -15,6 +15,7 @@ use ferry_proto::{Chunking, Encoding, Message};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use crate::priority::background;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
@@ -121,7 +122,7 @@ where
         match msg {
             Message::Open { transfer, path, size, chunking, base } => {
                 let cfg = session.cfg.clone();
-                let opened = tokio::task::spawn_blocking(move || open_transfer(&cfg, transfer, &path, size, chunking, base.as_deref())).await?;
+                let opened = tokio::task::spawn_blocking(move || background(|| open_transfer(&cfg, transfer, &path, size, chunking, base.as_deref()))).await?;
                 let reply = match opened {
                     Ok(t) => {
                         session.transfer.send_replace(Some(Arc::new(t)));
@@ -135,7 +136,7 @@ where
                 let t = session.current(&transfer).await?;
                 let blocks: Vec<Block> = entries.iter().map(block_of).collect();
                 let planner = t.clone();
-                let (wanted, local, complete) = tokio::task::spawn_blocking(move || planner.plan_round(round, blocks)).await??;
+                let (wanted, local, complete) = tokio::task::spawn_blocking(move || background(|| planner.plan_round(round, blocks))).await??;
                 wire::queue(out, Message::Want { transfer, round, wanted }).await?;
                 if let Some((reused, received)) = complete {
                     wire::queue(out, Message::Ack { transfer, round, reused, received }).await?;
@@ -145,7 +146,7 @@ where
                     let (out, slots) = (out.clone(), session.copy_slots.clone());
                     tokio::spawn(async move {
                         let _slot = slots.acquire_owned().await;
-                        let copied = tokio::task::spawn_blocking(move || t.copy_local(round, local)).await;
+                        let copied = tokio::task::spawn_blocking(move || background(|| t.copy_local(round, local))).await;
                         let result = match copied {
                             Ok(Ok((failed, done))) => {
                                 let mut r = Ok(());
@@ -169,7 +170,7 @@ where
             }
             Message::Chunk { transfer, round, index, id, encoding, raw_len, data } => {
                 let t = session.current(&transfer).await?;
-                let done = tokio::task::spawn_blocking(move || t.place_chunk(round, index, &id, encoding, raw_len, &data)).await??;
+                let done = tokio::task::spawn_blocking(move || background(|| t.place_chunk(round, index, &id, encoding, raw_len, &data))).await??;
                 if let Some((reused, received)) = done {
                     wire::queue(out, Message::Ack { transfer, round, reused, received }).await?;
                 }
@@ -178,7 +179,7 @@ where
                 let t = session.current(&transfer).await?;
                 session.transfer.send_replace(None);
                 let t = Arc::try_unwrap(t).map_err(|_| anyhow::anyhow!("chunks still being placed at DONE"))?;
-                let mut finishing = tokio::task::spawn_blocking(move || t.finish(size, &digest));
+                let mut finishing = tokio::task::spawn_blocking(move || background(|| t.finish(size, &digest)));
                 let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
                 let result = loop {
                     tokio::select! {

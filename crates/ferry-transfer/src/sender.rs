@@ -99,7 +99,7 @@ where
     let scanner = {
         let (file, progress, hasher) = (file.clone(), progress.clone(), ChunkHasher::new(spec.tenant_key));
         let (chunker, live) = (spec.chunker, spec.live);
-        tokio::task::spawn_blocking(move || scan_into_rounds(&file, size, chunker, &hasher, &progress, round_tx, live))
+        tokio::task::spawn_blocking(move || crate::priority::background(|| scan_into_rounds(&file, size, chunker, &hasher, &progress, round_tx, live)))
     };
     let changed: Arc<Changed> = Arc::default();
     let (chunk_tx, chunk_rx) = mpsc::channel::<Message>(CHUNK_QUEUE);
@@ -110,7 +110,7 @@ where
             let (rx, out, file, progress, transfer, level) = (want_rx.clone(), chunk_tx.clone(), file.clone(), progress.clone(), spec.transfer, spec.zstd_level);
             let live = spec.live.then(|| (ChunkHasher::new(spec.tenant_key), changed.clone()));
             let observer = spec.observer.clone();
-            tokio::task::spawn_blocking(move || serve_wants(&rx, &out, &file, &progress, transfer, level, live, observer))
+            tokio::task::spawn_blocking(move || crate::priority::background(|| serve_wants(&rx, &out, &file, &progress, transfer, level, live, observer)))
         })
         .collect();
     drop(chunk_tx);
