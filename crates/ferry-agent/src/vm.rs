@@ -278,19 +278,11 @@ impl Vms {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         // Its own session: the VM outlives the agent (a restarted agent finds it again). The
-        // session is also the VM's scheduling group (autogroup), which ranks above the site's
-        // other work, ferry's own included: a guest whose vCPU waits for the CPU answers its
-        // clients late (the lab saw 50–130 ms stalls in a guest's replies while its disk's bulk
-        // pass hashed and compressed beside it; a thread's nice value does not reach across
-        // groups).
+        // session is also the VM's scheduling group, which ranks above the site's other work,
+        // ferry's own included.
         unsafe {
             cmd.pre_exec(|| {
-                libc::setsid();
-                let fd = libc::open(c"/proc/self/autogroup".as_ptr(), libc::O_WRONLY);
-                if fd >= 0 {
-                    libc::write(fd, VM_GROUP_NICE.as_ptr().cast(), VM_GROUP_NICE.len());
-                    libc::close(fd);
-                }
+                ferry_transfer::priority::own_session_in_group(ferry_transfer::priority::VM_GROUP_NICE);
                 Ok(())
             });
         }
@@ -430,11 +422,6 @@ impl Vms {
         Ok(all[all.len().saturating_sub(lines)..].join("\n"))
     }
 }
-
-/// The nice value of a VM's scheduling group: about three times the CPU share of a group at 0
-/// when both want it (a machine without autogroups, or an agent that may not raise priority,
-/// leaves it at 0).
-const VM_GROUP_NICE: &[u8] = b"-5";
 
 pub fn process_alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.

@@ -110,12 +110,7 @@ fn start_forwarder(cfg: &LabConfig, ferry_exe: &Path) -> Result<()> {
     // lab saw its threads wait 50 ms for a CPU while agents hashed and compressed).
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
-            let fd = libc::open(c"/proc/self/autogroup".as_ptr(), libc::O_WRONLY);
-            if fd >= 0 {
-                libc::write(fd, FORWARDER_GROUP_NICE.as_ptr().cast(), FORWARDER_GROUP_NICE.len());
-                libc::close(fd);
-            }
+            ferry_transfer::priority::own_session_in_group(FORWARDER_GROUP_NICE);
             Ok(())
         });
     }

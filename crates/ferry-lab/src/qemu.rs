@@ -91,6 +91,14 @@ impl GuestLaunch {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // Scheduled as ferry's agent schedules the VMs it runs, so that the methods compared
+        // run their guests alike.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                ferry_transfer::priority::own_session_in_group(ferry_transfer::priority::VM_GROUP_NICE);
+                Ok(())
+            });
+        }
         cmd.spawn().context("starting QEMU")
     }
 }
