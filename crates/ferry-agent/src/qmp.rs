@@ -1,5 +1,8 @@
 //! A QMP client: QEMU's JSON control protocol over its unix socket. One command at a time;
-//! asynchronous events that arrive meanwhile are kept for whoever asks for them.
+//! asynchronous events that arrive meanwhile are kept for whoever asks for them. Every command
+//! carries an ID and only the answer with that ID is taken: a caller that gave up waiting (its
+//! future dropped, say when a migration fails) leaves its answer in the stream, and the next
+//! command must not take it for its own.
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -16,6 +19,8 @@ pub struct Qmp {
     pub events: Vec<Value>,
     /// The socket failed (QEMU exited or closed it): a new connection is needed.
     pub broken: bool,
+    /// The ID the next command carries.
+    next_id: u64,
 }
 
 impl Qmp {
@@ -31,7 +36,7 @@ impl Qmp {
             }
         };
         let (read, write) = stream.into_split();
-        let mut qmp = Qmp { lines: BufReader::new(read).lines(), write, events: Vec::new(), broken: false };
+        let mut qmp = Qmp { lines: BufReader::new(read).lines(), write, events: Vec::new(), broken: false, next_id: 0 };
         let greeting = qmp.read().await?;
         if greeting.get("QMP").is_none() {
             bail!("{} is not a QMP socket (it said {greeting})", socket.display());
@@ -58,19 +63,26 @@ impl Qmp {
     /// Runs a command and returns its `return` value; a QMP error becomes an error naming the
     /// command.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let line = request_line(command, arguments)?;
+        let id = self.take_id();
+        let line = request_line(command, arguments, id)?;
         if let Err(e) = self.write.write_all(line.as_bytes()).await {
             self.broken = true;
             return Err(e).with_context(|| format!("sending {command} to QMP"));
         }
-        self.answer(command).await
+        self.answer(command, id).await
+    }
+
+    fn take_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
     }
 
     /// Hands QEMU a file descriptor under `name` (QMP `getfd`, the descriptor travelling as
     /// SCM_RIGHTS with the command).
     pub async fn give_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         use std::os::fd::AsRawFd;
-        let line = request_line("getfd", json!({ "fdname": name }))?;
+        let id = self.take_id();
+        let line = request_line("getfd", json!({ "fdname": name }), id)?;
         let sock = self.write.as_ref().as_raw_fd();
         let sent = unsafe {
             let mut iov = libc::iovec { iov_base: line.as_ptr() as *mut libc::c_void, iov_len: line.len() };
@@ -92,14 +104,14 @@ impl Qmp {
             self.broken = true;
             bail!("handing QEMU a descriptor failed: {}", std::io::Error::last_os_error());
         }
-        self.answer("getfd").await?;
+        self.answer("getfd", id).await?;
         Ok(())
     }
 
     /// QEMU's answer to `command`; a QEMU that does not answer in time is treated as gone (the
     /// connection is dropped), so nothing waits on a hung monitor forever.
-    async fn answer(&mut self, command: &str) -> Result<Value> {
-        match tokio::time::timeout(ANSWER_WITHIN, self.answer_untimed(command)).await {
+    async fn answer(&mut self, command: &str, id: u64) -> Result<Value> {
+        match tokio::time::timeout(ANSWER_WITHIN, self.answer_untimed(command, id)).await {
             Ok(r) => r,
             Err(_) => {
                 self.broken = true;
@@ -108,25 +120,30 @@ impl Qmp {
         }
     }
 
-    async fn answer_untimed(&mut self, command: &str) -> Result<Value> {
+    async fn answer_untimed(&mut self, command: &str, id: u64) -> Result<Value> {
         loop {
             let msg = self.read().await.with_context(|| format!("waiting for QEMU's answer to {command}"))?;
+            if msg.get("event").is_some() {
+                self.events.push(msg);
+                continue;
+            }
+            if msg.get("id").and_then(Value::as_u64) != Some(id) {
+                tracing::debug!(command, "QMP: passing over an answer to an earlier command: {msg}");
+                continue;
+            }
             if let Some(r) = msg.get("return") {
                 return Ok(r.clone());
             }
             if let Some(e) = msg.get("error") {
                 bail!("QEMU refused {command}: {}", e.get("desc").and_then(Value::as_str).unwrap_or(&e.to_string()));
             }
-            if msg.get("event").is_some() {
-                self.events.push(msg);
-            }
         }
     }
 
 }
 
-fn request_line(command: &str, arguments: Value) -> Result<String> {
-    let mut req = json!({ "execute": command });
+fn request_line(command: &str, arguments: Value, id: u64) -> Result<String> {
+    let mut req = json!({ "execute": command, "id": id });
     if arguments.as_object().is_some_and(|o| !o.is_empty()) {
         req["arguments"] = arguments;
     }
@@ -145,5 +162,58 @@ impl Qmp {
     /// `query-migrate` as it is.
     pub async fn migration(&mut self) -> Result<Value> {
         self.execute("query-migrate", json!({})).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    /// A QEMU with nothing to run, for its monitor alone.
+    struct Monitor {
+        child: std::process::Child,
+        socket: std::path::PathBuf,
+    }
+
+    impl Monitor {
+        fn start() -> Monitor {
+            let socket = std::env::temp_dir().join(format!("ferry-qmp-test-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&socket);
+            let child = std::process::Command::new(std::env::var("FERRY_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()))
+                .args(["-name", "qmp-test", "-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-qmp"])
+                .arg(format!("unix:{},server=on,wait=off", socket.display()))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-system-x86_64 (scripts/test.sh installs it)");
+            Monitor { child, socket }
+        }
+    }
+
+    impl Drop for Monitor {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_left_by_a_caller_that_gave_up_is_not_taken_by_the_next_command() {
+        let monitor = Monitor::start();
+        let mut qmp = Qmp::connect(&monitor.socket, Duration::from_secs(20)).await.unwrap();
+        {
+            // The caller sends its command, then gives up before the answer comes (its future
+            // is dropped, as when the migration it served fails).
+            let mut status = std::pin::pin!(qmp.execute("query-status", json!({})));
+            let waker = futures::task::noop_waker();
+            let polled = status.as_mut().poll(&mut std::task::Context::from_waker(&waker));
+            assert!(polled.is_pending(), "QEMU answered within the first poll: nothing was left behind");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let name = qmp.execute("query-name", json!({})).await.unwrap();
+        assert_eq!(name, json!({"name": "qmp-test"}));
+        assert_eq!(qmp.status().await.unwrap(), "prelaunch");
     }
 }
