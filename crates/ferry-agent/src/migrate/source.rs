@@ -730,7 +730,8 @@ async fn relay(
 /// otherwise converge on RAM alone — a guest that dirties little soon leaves nothing pending —
 /// and stand still, paused before the switchover, for as long as the pass still runs.
 pub struct SwitchoverGate {
-    open: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
 }
 
 /// The return path's message that lets the source switch over (QEMU's MIG_RP_MSG_SWITCHOVER_ACK).
@@ -738,24 +739,28 @@ const RP_SWITCHOVER_ACK: u16 = 7;
 
 impl SwitchoverGate {
     fn new(open: bool) -> SwitchoverGate {
-        SwitchoverGate { open: open.into() }
+        SwitchoverGate { open: std::sync::Mutex::new(open), opened: std::sync::Condvar::new() }
     }
 
     pub fn open(&self) {
-        self.open.store(true, Relaxed);
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn is_open(&self) -> bool {
+        *self.open.lock().unwrap()
     }
 
     /// How much of `rp` (return-path bytes, from a message boundary) may go to QEMU now: whole
     /// messages before a held go-ahead; at the go-ahead itself the thread waits for the gate.
     fn pass(&self, rp: &[u8]) -> usize {
         let mut at = 0;
-        while !self.open.load(Relaxed) && rp.len() - at >= 4 {
+        while !self.is_open() && rp.len() - at >= 4 {
             let kind = u16::from_be_bytes([rp[at], rp[at + 1]]);
             let len = u16::from_be_bytes([rp[at + 2], rp[at + 3]]) as usize;
             if kind == RP_SWITCHOVER_ACK {
-                while !self.open.load(Relaxed) {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                let open = self.open.lock().unwrap();
+                drop(self.opened.wait_while(open, |open| !*open).unwrap());
                 break;
             }
             if rp.len() - at < 4 + len {
@@ -763,11 +768,36 @@ impl SwitchoverGate {
             }
             at += 4 + len;
         }
-        if self.open.load(Relaxed) {
+        if self.is_open() {
             rp.len()
         } else {
             at
         }
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    #[test]
+    fn the_go_ahead_waits_for_the_gate_and_what_precedes_it_does_not() {
+        let gate = Arc::new(SwitchoverGate::new(false));
+        // Two return-path messages (a 2-byte one of type 3, then the go-ahead) and half of a third.
+        let rp = [0, 3, 0, 2, 0xaa, 0xbb, 0, RP_SWITCHOVER_ACK as u8, 0, 0, 0, 5];
+        assert_eq!(gate.pass(&rp[..6]), 6);
+        assert_eq!(gate.pass(&rp[..5]), 0, "a message is passed whole");
+        let held = Instant::now();
+        let opener = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                gate.open();
+            })
+        };
+        assert_eq!(gate.pass(&rp), rp.len(), "once open, everything goes");
+        assert!(held.elapsed() >= Duration::from_millis(100), "the go-ahead went before the gate opened");
+        opener.join().unwrap();
     }
 }
 
