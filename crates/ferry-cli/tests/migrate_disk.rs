@@ -189,7 +189,7 @@ fn guest_bytes(qcow2: &Path) -> PathBuf {
 #[test]
 fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
     let _serial = serial();
-    let sites = Sites::on(Lab::up("tdskq", &["--no-client", "--rtt", "20ms"]));
+    let mut sites = Sites::on(Lab::up("tdskq", &["--no-client", "--rtt", "20ms"]));
     // b holds an older version of the image (not in its content store: it was put there by
     // hand, and the pass still finds it, as the older copy of the disk).
     let disk_a = sites.data("a").join("vms/g1/disk.qcow2");
@@ -206,6 +206,11 @@ fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
         let group = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap();
         assert!(group.trim_end().ends_with("nice -5"), "{group}");
     }
+    // a's agent restarts: it no longer shares the running QEMU's mount namespace (each agent
+    // gets a copy of the site's), where QEMU mounts its export of the disk.
+    sites.kill_agent("a");
+    sites.start_agent("a", &sites.root.join("pki"));
+    std::thread::sleep(Duration::from_secs(2));
 
     // The pass reads the guest's bytes through the source QEMU (the image's own bytes are its
     // format), and b makes them a qcow2 image again; the records follow through b's QEMU.
