@@ -252,6 +252,20 @@ fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
     assert!(check.compared_any() && check.source_max_seq >= at_b && check.dest_max_seq > check.source_max_seq, "{check}");
     assert_eq!(hash_range(&raw_a, 0, RING_AT), hash_range(&raw_b, 0, RING_AT));
     assert_eq!(hash_range(&raw_a, RING_AT + RING, DISK), hash_range(&raw_b, RING_AT + RING, DISK));
+
+    // An image that names a backing file does not move cold (the chain would stay behind, and
+    // a destination must not open files by names a sender chose): the VM runs on at a.
+    let top = sites.data("a").join("vms/g1/top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", disk_a.to_str().unwrap(), "-F", "qcow2", top.to_str().unwrap()]);
+    let spec = write_spec(&sites.root, &top, "ferry.mem=64M ferry.dirty=1M");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    wait_disk_seq_past(&sites, "a", 1, Duration::from_secs(90));
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--cold"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("names a backing file") && err.contains("keeps running here"), "{}", text(&out));
+    assert_eq!(states(&sites, "a"), vec![("g1".to_string(), "running".to_string())]);
+    assert!(states(&sites, "b").is_empty());
+    vm_ok(&sites, "a", &["stop", "g1", "--force"]);
 }
 
 /// The VMs a site runs, by name → state.

@@ -18,6 +18,10 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
     refuse_shared_names(&spec)?;
+    // A cold move carries a qcow2 disk's file as it is.
+    for d in spec.disks.iter().filter(|d| d.format == "qcow2") {
+        super::disk_view::refuse_external_files(&d.path).map_err(|e| e.context(format!("VM {} keeps running here; nothing was moved", req.vm)))?;
+    }
     refuse_if_destination_runs(ctx, &req.vm, &req.to).await?;
     ctx.vms.stop(&req.vm, Duration::from_millis(req.grace_ms as u64)).await?;
     let migration = session::rand_bytes();

@@ -96,3 +96,22 @@ pub fn raw_to_qcow2(raw: &Path, path: &Path) -> Result<()> {
     std::fs::remove_file(raw)?;
     Ok(())
 }
+
+/// A qcow2 image must hold all of its guest's bytes: one that names other files (a backing
+/// file, an external data file) would make QEMU open them by those names — files a cold move
+/// does not carry, and at a destination, files of that host the image's sender chose.
+pub fn refuse_external_files(path: &Path) -> Result<()> {
+    let out = std::process::Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(path).output().context("running qemu-img")?;
+    if !out.status.success() {
+        bail!("reading {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("qemu-img's account of {}", path.display()))?;
+    if info["format"] != "qcow2" {
+        bail!("{} is not a qcow2 image (qemu-img reads it as {})", path.display(), info["format"]);
+    }
+    let named = [("a backing file", &info["full-backing-filename"]), ("a backing file", &info["backing-filename"]), ("an external data file", &info["format-specific"]["data"]["data-file"])];
+    if let Some((what, name)) = named.iter().find(|(_, v)| !v.is_null()) {
+        bail!("the qcow2 image {} names {what} ({name}): ferry moves self-contained images (a live move flattens the chain; `qemu-img convert` makes one)", path.display());
+    }
+    Ok(())
+}

@@ -316,7 +316,13 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         bail!("a VM named {:?} already runs on this site", spec.name);
     }
     if cold {
-        // Its disks arrived whole and verified: it boots, and that is the whole move.
+        // Its disks arrived whole and verified: it boots, and that is the whole move (a qcow2
+        // image only if it holds all of its guest's bytes).
+        let checked = spec.disks.iter().filter(|d| d.format == "qcow2").try_for_each(|d| super::disk_view::refuse_external_files(&d.path));
+        if let Err(e) = checked {
+            inc.finish(false, format!("{e:#}"));
+            return Err(e);
+        }
         if let Err(e) = shared.vms.start(&spec, false).await {
             inc.finish(false, format!("{e:#}"));
             return Err(e);
