@@ -291,6 +291,13 @@ fn start_migrate_until_receiving(sites: &Sites) -> std::process::Child {
     child
 }
 
+/// b's agent starts again, with `env` (fault injection), and has its connections to a ready.
+fn restart_b(sites: &mut Sites, pki: &Path, env: &[(&str, &str)]) {
+    sites.kill_agent("b");
+    sites.start_agent_with("b", pki, env);
+    std::thread::sleep(Duration::from_secs(3));
+}
+
 /// The move failed clearly, and the guest runs on at a, still writing its disk.
 fn assert_source_runs_on(sites: &Sites, out: std::process::Output, why: &str, expect_in_error: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -369,27 +376,21 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
 
     // b's QEMU loads the VM but cannot take its disk over (fault injection: the name it opened
     // it by is gone): b says so, and the source, whose QEMU had completed, runs the VM on.
-    sites.kill_agent("b");
-    sites.start_agent_with("b", &pki, &[("FERRY_FAULT", "disk-name-lost")]);
-    std::thread::sleep(Duration::from_secs(3));
+    restart_b(&mut sites, &pki, &[("FERRY_FAULT", "disk-name-lost")]);
     let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--overlap-disks"]);
     assert_source_runs_on(&sites, out, "a destination QEMU that cannot take its disk over", "loaded the VM but did not start it");
     assert!(states(&sites, "b").is_empty());
 
     // b writes one of the guest's blocks wrong (fault injection): the digests compared in the
     // pause differ, and the VM runs on at a.
-    sites.kill_agent("b");
-    sites.start_agent_with("b", &pki, &[("FERRY_FAULT", "disk-record-corrupt")]);
-    std::thread::sleep(Duration::from_secs(3));
+    restart_b(&mut sites, &pki, &[("FERRY_FAULT", "disk-record-corrupt")]);
     let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--verify-disks"]);
     assert_source_runs_on(&sites, out, "a corrupt copy", "differs from the source's at switchover");
     assert!(states(&sites, "b").is_empty());
-    sites.kill_agent("b");
-    sites.start_agent("b", &pki);
 
     // Healed, the move goes through (this time with the RAM migration beside the bulk pass);
     // the disk b kept from the cut attempt is mostly reused.
-    std::thread::sleep(Duration::from_secs(3));
+    restart_b(&mut sites, &pki, &[]);
     let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json", "--verify-disks", "--overlap-disks"]);
     let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
     println!("after the cut: {moved}");

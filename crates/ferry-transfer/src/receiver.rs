@@ -218,22 +218,19 @@ fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chun
     // The content store: every committed object whose index we kept (the older copy included).
     // An index older than its object (changed in place since) is passed over: its reads would
     // fail verification one by one.
-    let mut dest_indexed = false;
+    let mut indexed = Vec::new();
     for idx in catalog::all(&cfg.data_dir) {
         if let Ok(p) = resolve(&cfg.data_dir, &idx.object) {
             if catalog::is_current(&cfg.data_dir, &idx.object, &p) {
                 local.add_indexed(&p, &idx.blocks)?;
-                dest_indexed |= p == dest;
+                indexed.push(p);
             }
         }
     }
-    // The older copy at the same path counts even when nothing indexed it as it is now.
-    if dest.exists() && !dest_indexed {
-        local.add_file(&dest, chunker, &hasher)?;
-    }
-    if let Some(older) = (cfg.older_copy)(&dest).filter(|p| p.exists()) {
-        let indexed = older.strip_prefix(&cfg.data_dir).is_ok_and(|o| catalog::is_current(&cfg.data_dir, &o.to_string_lossy(), &older));
-        if !indexed {
+    // The older copy at the same path (or where this site keeps it, `older_copy`) counts even
+    // when nothing indexed it as it is now.
+    for older in std::iter::once(dest.clone()).chain((cfg.older_copy)(&dest)) {
+        if older.exists() && !indexed.contains(&older) {
             local.add_file(&older, chunker, &hasher)?;
         }
     }

@@ -10,11 +10,16 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-/// The block node QEMU's device for disk `disk` uses (`-drive …,id=disk<N>`), from `query-block`.
-pub fn node_of(blocks: &serde_json::Value, disk: usize) -> Result<String> {
+/// What `query-block` says of QEMU's device for disk `disk` (`-drive …,id=disk<N>`).
+fn device_of(blocks: &serde_json::Value, disk: usize) -> Result<&serde_json::Value> {
     let device = format!("disk{disk}");
-    let node = blocks.as_array().into_iter().flatten().find(|b| b["device"] == device.as_str()).and_then(|b| b["inserted"]["node-name"].as_str());
-    node.map(str::to_string).with_context(|| format!("QEMU has no block device {device}"))
+    let inserted = blocks.as_array().into_iter().flatten().find(|b| b["device"] == device.as_str()).map(|b| &b["inserted"]);
+    inserted.filter(|i| i["node-name"].is_string()).with_context(|| format!("QEMU has no block device {device}"))
+}
+
+/// The block node QEMU's device for disk `disk` uses, from `query-block`.
+pub fn node_of(blocks: &serde_json::Value, disk: usize) -> Result<String> {
+    Ok(device_of(blocks, disk)?["node-name"].as_str().unwrap_or_default().to_string())
 }
 
 fn export_id(disk: u8) -> String {
@@ -25,11 +30,13 @@ fn mountpoint(vm_dir: &Path, disk: u8) -> PathBuf {
     vm_dir.join(format!("disk{disk}.ferry-view"))
 }
 
-/// Exports disk `disk` (QEMU's `node`) as a plain file; returns the path through which this
-/// agent reaches it. QEMU mounts it in its own mount namespace, which is not this agent's when
+/// Exports disk `disk` (its device as `query-block` gave it: `blocks`) as a plain file;
+/// returns the path through which this agent reaches it. QEMU mounts it in its own mount namespace, which is not this agent's when
 /// the agent was restarted since the VM started (each agent gets a copy of the site's), so the
 /// path goes through QEMU's view of the filesystem (`/proc/PID/root`).
-pub async fn export(qmp: &mut QmpGuard, pid: u32, vm_dir: &Path, disk: u8, node: &str, writable: bool) -> Result<PathBuf> {
+pub async fn export(qmp: &mut QmpGuard, pid: u32, vm_dir: &Path, disk: u8, blocks: &serde_json::Value, writable: bool) -> Result<PathBuf> {
+    let device = device_of(blocks, disk as usize)?;
+    let (node, virtual_size) = (&device["node-name"], device["image"]["virtual-size"].as_u64());
     unexport(qmp, vm_dir, disk).await;
     let mount = mountpoint(vm_dir, disk);
     std::fs::write(&mount, b"").with_context(|| format!("making {}", mount.display()))?;
@@ -40,8 +47,6 @@ pub async fn export(qmp: &mut QmpGuard, pid: u32, vm_dir: &Path, disk: u8, node:
     // The size must be the guest's: a path that missed the mount shows the empty file under it,
     // and an empty disk must never be what travels.
     let size = std::fs::metadata(&through).map(|m| m.len()).unwrap_or(0);
-    let blocks = qmp.execute("query-block", json!({})).await?;
-    let virtual_size = blocks.as_array().into_iter().flatten().find(|b| b["inserted"]["node-name"] == node).and_then(|b| b["inserted"]["image"]["virtual-size"].as_u64());
     if Some(size) != virtual_size {
         unexport(qmp, vm_dir, disk).await;
         bail!("disk {disk}'s export reads {size} bytes at {}, the disk has {virtual_size:?}", through.display());

@@ -309,7 +309,7 @@ impl DiskMove {
         let pid = ctx.vms.pid(&spec.name).context("the VM's QEMU is gone")?;
         for i in 0..mv.disks.len() {
             if mv.disks[i].spec.format == "qcow2" {
-                match super::disk_view::export(&mut qmp, pid, &dir, mv.disks[i].index, &mv.disks[i].node.clone(), false).await {
+                match super::disk_view::export(&mut qmp, pid, &dir, mv.disks[i].index, &blocks, false).await {
                     Ok(view) => mv.disks[i].content = view,
                     Err(e) => {
                         mv.end(&mut qmp).await;
@@ -424,8 +424,7 @@ impl DiskMove {
             // references, while what is left at the end is pages the guest dirtied). Told a
             // modest rate, QEMU stops the VM only with little left; one that does not converge
             // so gets a longer pause allowed later, as any migration does.
-            let rate = SWITCHOVER_RATE;
-            ctx.vms.qmp(&self.vm).await?.execute("migrate-set-parameters", json!({"downtime-limit": limit_ms, "avail-switchover-bandwidth": rate})).await.context("letting QEMU switch over")?;
+            ctx.vms.qmp(&self.vm).await?.execute("migrate-set-parameters", json!({"downtime-limit": limit_ms, "avail-switchover-bandwidth": SWITCHOVER_RATE})).await.context("letting QEMU switch over")?;
             gate.open();
             *converging.lock().unwrap() = Some(Instant::now());
         }

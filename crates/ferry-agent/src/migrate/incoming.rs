@@ -538,8 +538,7 @@ async fn export_views(shared: &Shared, spec: &crate::vm::VmSpec, opened: &mut [s
         if d.format != "qcow2" {
             continue;
         }
-        let node = super::disk_view::node_of(&blocks, i)?;
-        opened[i] = super::disk_view::export(&mut qmp, pid, &shared.vms.dir(&spec.name), i as u8, &node, true).await?;
+        opened[i] = super::disk_view::export(&mut qmp, pid, &shared.vms.dir(&spec.name), i as u8, &blocks, true).await?;
     }
     Ok(())
 }

@@ -628,7 +628,7 @@ async fn relay(
     // While the disks' bulk pass runs, the destination's go-ahead to switch over waits here
     // (see `SwitchoverGate`); everything after it on the return path waits behind it.
     let gate = Arc::new(SwitchoverGate::new(bulk.is_none()));
-    let (gate_release, follow_gate) = (gate.clone(), gate.clone());
+    let follow_gate = gate.clone();
     let follow_gate = &*follow_gate;
     let follow = async move {
         match disks {
@@ -721,7 +721,7 @@ async fn relay(
     };
     tasks.abort_all();
     window.close();
-    gate_release.open();
+    gate.open();
     result
 }
 
