@@ -205,7 +205,7 @@ pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm
         attempt += 1;
         let attempt_progress = Arc::new(Progress::default());
         let result = async {
-            let (conns, rtt) = session::open(cfg, identity, warm, &req.to, counter.clone()).await?;
+            let (conns, rtt, lease) = session::open_leased(cfg, identity, warm, &req.to, counter.clone()).await?;
             let connections = conns.len();
             let _ = events.send(Event::Started { size: meta.len(), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
             let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live, observer: observer.clone() };
@@ -223,7 +223,9 @@ pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm
             };
             let outcome = sender::send(conns, spec, attempt_progress.clone()).await;
             ticker.abort();
-            Ok::<_, anyhow::Error>((outcome?, connections, rtt))
+            let (outcome, conns) = outcome?;
+            lease.give_back(conns).await;
+            Ok::<_, anyhow::Error>((outcome, connections, rtt))
         }
         .await;
         accumulate(&progress, &attempt_progress);

@@ -93,7 +93,23 @@ fn sized_socket(addr: SocketAddr) -> Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_recv_buffer_size(SOCKET_BUFFER)?;
     socket.set_send_buffer_size(SOCKET_BUFFER)?;
+    prefer_bbr(&socket);
     Ok(socket)
+}
+
+/// BBR where the kernel has it (accepted sockets inherit it from the listener). It paces at the
+/// rate it measured rather than filling the bottleneck's queue, and, unlike loss-based
+/// congestion control, keeps that measure across idle time instead of falling back to slow
+/// start, so a warm connection that carried one transfer starts the next at full rate.
+fn prefer_bbr(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    const NAME: &[u8] = b"bbr";
+    // SAFETY: the fd is the socket's own; the option value is a byte string of that length.
+    let r = unsafe { libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, NAME.as_ptr().cast(), NAME.len() as libc::socklen_t) };
+    if r != 0 {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| tracing::info!("TCP BBR is not available here ({}): connections use the system's congestion control", std::io::Error::last_os_error()));
+    }
 }
 
 /// Per-connection TCP window we plan with: the machine's wmem/rmem maximum is 4 MiB, of which
@@ -162,17 +178,48 @@ pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -
 /// handshake measures the RTT (one round trip, at no extra cost) and the rest are dialled at
 /// once, every TLS handshake in parallel. HELLO goes out without waiting for its answer.
 pub async fn open(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
+    open_n(cfg, identity, warm, to_site, counter, None).await.map(|(conns, rtt, _)| (conns, rtt))
+}
+
+/// As `open`, with what it takes to give the connections back to the warm pool once the
+/// session is over (`Lease::give_back`).
+pub async fn open_leased(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, Lease)> {
     open_n(cfg, identity, warm, to_site, counter, None).await
+}
+
+/// The session's connections' byte counters, to detach from its count when they go back.
+pub struct Lease {
+    pool: Option<crate::warm::PoolLease>,
+    counters: Vec<Arc<CounterSlot>>,
+}
+
+impl Lease {
+    /// The connections of a session that ended cleanly (nothing of it left to read) go back
+    /// to the pool: the next session to the site starts on connections whose congestion
+    /// control already knows the path.
+    pub async fn give_back(self, conns: Vec<Conn<BoxStream>>) {
+        let Some(lease) = &self.pool else { return };
+        if conns.len() != self.counters.len() {
+            return; // which counter is whose is lost: let them close
+        }
+        let idle = std::iter::zip(conns, self.counters)
+            .map(|(conn, counter)| {
+                counter.point_at(&Arc::default());
+                IdleConn::new(conn, counter)
+            })
+            .collect();
+        lease.pool().give_back(idle).await;
+    }
 }
 
 /// A session of one connection, for a question and its answer: it leaves the warm pool to the
 /// transfer that follows (a pool it had emptied would make that transfer dial afresh).
 pub async fn open_one(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str) -> Result<Conn<BoxStream>> {
-    let (conns, _) = open_n(cfg, identity, warm, to_site, Arc::new(WireCounter::default()), Some(1)).await?;
+    let (conns, _, _) = open_n(cfg, identity, warm, to_site, Arc::new(WireCounter::default()), Some(1)).await?;
     conns.into_iter().next().context("no connection")
 }
 
-async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>, limit: Option<usize>) -> Result<(Vec<Conn<BoxStream>>, Duration)> {
+async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &str, counter: Arc<WireCounter>, limit: Option<usize>) -> Result<(Vec<Conn<BoxStream>>, Duration, Lease)> {
     let addr = cfg.peer(to_site)?;
     let session: [u8; 16] = rand_bytes();
     let wanted = |rtt: Duration| limit.unwrap_or(usize::MAX).min(connections_for(cfg.link_rate_bps, rtt));
@@ -180,6 +227,7 @@ async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &s
         Some(r) => warm.take(to_site, wanted(r)).await,
         None => (Vec::new(), None),
     };
+    let pool = warm.pool(to_site).map(|p| p.lease(ready.len()));
     let mut first_fresh = None;
     if rtt.is_none() {
         let (stream, slot, handshake) = dial(identity, to_site, addr).await?;
@@ -198,12 +246,14 @@ async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &s
     ready.extend(fresh);
     tracing::info!(to = to_site, rtt_ms = rtt.as_secs_f64() * 1e3, connections = n, warm = warm_count, "session planned");
     let mut conns = Vec::with_capacity(ready.len());
+    let mut counters = Vec::with_capacity(ready.len());
     for (i, mut c) in ready.into_iter().enumerate() {
         c.counter.point_at(&counter);
         c.conn.send(Message::Hello { version: PROTOCOL_VERSION, min_version: PROTOCOL_VERSION, site: identity.site.clone(), session, connection_index: i as u16, connection_count: n as u16 }).await?;
         conns.push(c.conn);
+        counters.push(c.counter);
     }
-    Ok((conns, rtt))
+    Ok((conns, rtt, Lease { pool, counters }))
 }
 
 pub fn rand_bytes<const N: usize>() -> [u8; N] {
@@ -254,13 +304,44 @@ async fn accept_one(
         }
     };
     let mut conn = Framed::new(stream, FrameCodec);
-    // A warm connection waits, pinged, until a transfer takes it and says HELLO.
-    let (version, min_version, session, connection_index) = loop {
-        match wire::next(&mut conn).await? {
-            Message::Ping { nonce } => conn.send(Message::Pong { nonce }).await?,
-            Message::Hello { version, min_version, session, connection_index, .. } => break (version, min_version, session, connection_index),
-            other => bail!("{peer} did not start with HELLO but {}", other.kind()),
+    let mut hello = None;
+    loop {
+        // A warm connection waits, pinged, until a transfer takes it and says HELLO.
+        let next = match hello.take() {
+            Some(h) => h,
+            None => loop {
+                match tokio::time::timeout(wire::IDLE_LIMIT, conn.next()).await {
+                    Ok(None) => return Ok(()), // the peer's pool had a connection too many
+                    Ok(Some(Ok(Message::Ping { nonce }))) => conn.send(Message::Pong { nonce }).await?,
+                    Ok(Some(Ok(m))) => break m,
+                    Ok(Some(Err(e))) => return Err(anyhow::Error::new(e).context(format!("reading from {peer}"))),
+                    Err(_) => bail!("{peer} sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),
+                }
+            },
+        };
+        match session_on(conn, next, from, &peer, identity, &receiver_cfg, &sessions, &migrations).await? {
+            Some((c, h)) => (conn, hello) = (c, Some(h)),
+            None => return Ok(()),
         }
+    }
+}
+
+/// One session on an accepted connection, from its HELLO; returns the connection and the next
+/// session's HELLO when the peer reuses it.
+#[allow(clippy::too_many_arguments)] // the connection, its peer, and what its sessions reach
+async fn session_on(
+    mut conn: Conn<BoxStream>,
+    hello: Message,
+    from: SocketAddr,
+    peer: &str,
+    identity: &Identity,
+    receiver_cfg: &Arc<ReceiverConfig>,
+    sessions: &Mutex<HashMap<[u8; 16], Weak<receiver::Session>>>,
+    migrations: &Arc<crate::migrate::incoming::Shared>,
+) -> Result<Option<(Conn<BoxStream>, Message)>> {
+    let (version, min_version, session, connection_index) = match hello {
+        Message::Hello { version, min_version, session, connection_index, .. } => (version, min_version, session, connection_index),
+        other => bail!("{peer} did not start with HELLO but {}", other.kind()),
     };
     let agreed = match ferry_proto::negotiate((PROTOCOL_VERSION, PROTOCOL_VERSION), (min_version, version)) {
         Ok(v) => v,
@@ -273,11 +354,12 @@ async fn accept_one(
     // What the session is for shows in its first message: a migration opens every connection
     // with MIGRATE_OPEN; anything else belongs to a transfer.
     let first = match tokio::time::timeout(wire::IDLE_LIMIT, conn.next()).await {
-        Err(_) | Ok(None) => return Ok(()), // a spare connection the sender never needed
+        Err(_) | Ok(None) => return Ok(None), // a spare connection the sender never needed
         Ok(Some(m)) => m.context("reading from the sender")?,
     };
     if matches!(first, Message::MigrateOpen { .. }) {
-        return crate::migrate::incoming::serve(conn, first, migrations, peer).await;
+        crate::migrate::incoming::serve(conn, first, migrations.clone(), peer.to_string()).await?;
+        return Ok(None);
     }
     let shared = {
         let mut map = sessions.lock().unwrap();
@@ -285,7 +367,7 @@ async fn accept_one(
         match map.get(&session).and_then(Weak::upgrade) {
             Some(s) => s,
             None => {
-                let s = receiver::Session::new(receiver_cfg);
+                let s = receiver::Session::new(receiver_cfg.clone());
                 map.insert(session, Arc::downgrade(&s));
                 s
             }

@@ -34,6 +34,10 @@ pub struct PeerPool {
     idle: tokio::sync::Mutex<Vec<IdleConn>>,
     /// The smallest TCP handshake time seen: the path's RTT.
     rtt: Mutex<Option<Duration>>,
+    /// How many connections the pool keeps ready.
+    target: std::sync::atomic::AtomicUsize,
+    /// Taken by sessions that may give them back: the pool does not replace those meanwhile.
+    leased: std::sync::atomic::AtomicUsize,
     refill: tokio::sync::Notify,
 }
 
@@ -70,6 +74,11 @@ impl Warm {
         (taken, *pool.rtt.lock().unwrap())
     }
 
+    /// The pool of `site`, for a lease on connections taken from it (see `PeerPool::lease`).
+    pub fn pool(&self, site: &str) -> Option<Arc<PeerPool>> {
+        self.peers.get(site).cloned()
+    }
+
     pub fn rtt(&self, site: &str) -> Option<Duration> {
         self.peers.get(site).and_then(|p| *p.rtt.lock().unwrap())
     }
@@ -86,6 +95,44 @@ impl Warm {
     }
 }
 
+/// Connections out on a session that may bring them back: while it runs the pool does not dial
+/// replacements (their handshakes would compete with the transfer, and the pool would then hold
+/// more than it wants). Ending the lease without giving them back has the pool refill.
+pub struct PoolLease {
+    pool: Arc<PeerPool>,
+    count: usize,
+}
+
+impl Drop for PoolLease {
+    fn drop(&mut self) {
+        self.pool.leased.fetch_sub(self.count, std::sync::atomic::Ordering::Relaxed);
+        self.pool.refill.notify_one();
+    }
+}
+
+impl PoolLease {
+    pub fn pool(&self) -> &PeerPool {
+        &self.pool
+    }
+}
+
+impl PeerPool {
+    pub fn lease(self: &Arc<Self>, count: usize) -> PoolLease {
+        self.leased.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        PoolLease { pool: self.clone(), count }
+    }
+
+    /// Connections a session is done with, first in line for the next (see `session::Lease`).
+    /// The pool keeps no more than it wants: the connections that never carried a session go
+    /// first.
+    pub async fn give_back(&self, conns: Vec<IdleConn>) {
+        let mut idle = self.idle.lock().await;
+        let target = idle.len().max(self.target.load(std::sync::atomic::Ordering::Relaxed));
+        idle.splice(0..0, conns);
+        idle.truncate(target);
+    }
+}
+
 /// One more than a transfer takes: the question a move asks first (does the destination run
 /// this VM?) leaves the transfer that follows a whole set, with nothing to dial.
 fn pool_size(link_rate_bps: u64, rtt: Duration) -> usize {
@@ -98,7 +145,8 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
     loop {
         let rtt = *pool.rtt.lock().unwrap();
         let target = rtt.map_or(2, |r| pool_size(cfg.link_rate_bps, r));
-        let have = pool.idle.lock().await.len();
+        pool.target.store(target, std::sync::atomic::Ordering::Relaxed);
+        let have = pool.idle.lock().await.len() + pool.leased.load(std::sync::atomic::Ordering::Relaxed);
         if have < target {
             let dials = (have..target).map(|_| dial(&identity, &site, addr));
             let mut added = 0;
@@ -149,7 +197,8 @@ async fn keep_alive(pool: &PeerPool) {
         let mut ok = true;
         while let Some(next) = c.conn.next().now_or_never() {
             match next {
-                Some(Ok(Message::Pong { .. })) => c.heard = std::time::Instant::now(),
+                // A returned connection may still get the receiver's last keepalives.
+                Some(Ok(Message::Pong { .. } | Message::Ping { .. })) => c.heard = std::time::Instant::now(),
                 _ => {
                     ok = false;
                     break;

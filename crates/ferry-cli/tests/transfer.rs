@@ -96,6 +96,15 @@ fn only_what_the_destination_lacks_crosses_and_the_copy_is_exact() {
     let allocated = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
     assert!(allocated(&dest) <= allocated(&older) + 65536, "the destination stays sparse");
 
+    // The connections that carried it stay ready for the next transfer (with what their
+    // congestion control learnt of the path), under BBR where the kernel has it.
+    let sockets = sites.lab.exec_ok("a", &["ss", "-tin", "state", "established", "dport", "=", ":7400"]);
+    let acked: u64 = sockets.split_whitespace().filter_map(|w| w.strip_prefix("bytes_acked:")).map(|n| n.parse::<u64>().unwrap()).sum();
+    assert!(acked >= wire_first / 2, "a's idle connections to b carried the transfer ({acked} bytes acked, {wire_first} sent):\n{sockets}");
+    if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap().contains("bbr") {
+        assert!(sockets.contains("bbr"), "ferry's connections use BBR:\n{sockets}");
+    }
+
     // Second move: a newer version; the older one is there.
     let newer = sites.root.join("newer.raw");
     std::fs::copy(&older, &newer).unwrap();

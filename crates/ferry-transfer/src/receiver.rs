@@ -39,11 +39,13 @@ pub struct Session {
     transfer: tokio::sync::watch::Sender<Option<Arc<Transfer>>>,
     /// Local copies run at once: the disk, not the thread count, sets the pace.
     copy_slots: Arc<tokio::sync::Semaphore>,
+    /// Woken whenever a round of the open transfer is complete: a DONE that came early waits.
+    round_complete: tokio::sync::Notify,
 }
 
 impl Session {
     pub fn new(cfg: Arc<ReceiverConfig>) -> Arc<Self> {
-        Arc::new(Session { cfg, transfer: tokio::sync::watch::Sender::new(None), copy_slots: Arc::new(tokio::sync::Semaphore::new(2)) })
+        Arc::new(Session { cfg, transfer: tokio::sync::watch::Sender::new(None), copy_slots: Arc::new(tokio::sync::Semaphore::new(2)), round_complete: tokio::sync::Notify::new() })
     }
 
     fn is_open(&self) -> bool {
@@ -85,27 +87,38 @@ struct Transfer {
     data_dir: PathBuf,
 }
 
-/// Serves one connection of a session until the peer closes it or it fails.
 /// Serves one connection of a transfer session; `first` is a message already read from it.
-pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>, first: Option<Message>) -> Result<()>
+/// Ends when the peer closes the connection, or (returning it with the HELLO) when the peer
+/// starts a new session on it: connections outlive sessions, so the next transfer starts at
+/// the rate the last one reached instead of in slow start.
+pub async fn serve<S>(conn: Conn<S>, session: Arc<Session>, first: Option<Message>) -> Result<Option<(Conn<S>, Message)>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, mut stream) = conn.split();
     let (out, writer) = wire::spawn_writer(sink);
-    let result = serve_messages(&mut stream, &session, &out, first).await;
-    if let Err(e) = &result {
-        // The sender hears why (a full disk, a digest that does not match) rather than seeing
-        // the connection drop; a connection that is itself broken just fails to carry it.
-        if out.try_send(Message::Error { code: 1, message: format!("{e:#}") }).is_ok() {
+    match serve_messages(&mut stream, &session, &out, first).await {
+        Err(e) => {
+            // The sender hears why (a full disk, a digest that does not match) rather than
+            // seeing the connection drop; a connection that is itself broken just fails to
+            // carry it.
+            if out.try_send(Message::Error { code: 1, message: format!("{e:#}") }).is_ok() {
+                drop(out);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer.finish()).await;
+            }
+            Err(e)
+        }
+        Ok(None) => Ok(None),
+        Ok(Some(hello)) => {
             drop(out);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer.finish()).await;
+            let sink = tokio::time::timeout(wire::IDLE_LIMIT, writer.finish()).await.context("the last session's replies are still queued")??;
+            Ok(Some((sink.reunite(stream).expect("halves of one connection"), hello)))
         }
     }
-    result
 }
 
-async fn serve_messages<S>(stream: &mut futures::stream::SplitStream<Conn<S>>, session: &Arc<Session>, out: &tokio::sync::mpsc::Sender<Message>, mut first: Option<Message>) -> Result<()>
+/// Returns the HELLO of a new session on this connection, if the peer starts one.
+async fn serve_messages<S>(stream: &mut futures::stream::SplitStream<Conn<S>>, session: &Arc<Session>, out: &tokio::sync::mpsc::Sender<Message>, mut first: Option<Message>) -> Result<Option<Message>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -113,9 +126,9 @@ where
         let msg = match first.take() {
             Some(m) => m,
             None => match tokio::time::timeout(wire::IDLE_LIMIT, stream.next()).await {
-            Err(_) if !session.is_open() => return Ok(()), // an idle spare connection
+            Err(_) if !session.is_open() => return Ok(None), // an idle spare connection
             Err(_) => bail!("the sender sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(None),
             Ok(Some(m)) => m.context("reading from the sender")?,
             },
         };
@@ -143,7 +156,7 @@ where
                 }
                 if !local.is_empty() {
                     // The WANT is out; the local copies proceed off this connection's path.
-                    let (out, slots) = (out.clone(), session.copy_slots.clone());
+                    let (out, slots, session) = (out.clone(), session.copy_slots.clone(), session.clone());
                     tokio::spawn(async move {
                         let _slot = slots.acquire_owned().await;
                         let copied = tokio::task::spawn_blocking(move || background(|| t.copy_local(round, local))).await;
@@ -155,6 +168,7 @@ where
                                 }
                                 if let (Ok(()), Some((reused, received))) = (&r, done) {
                                     r = wire::queue(&out, Message::Ack { transfer, round, reused, received }).await;
+                                    session.round_complete.notify_waiters();
                                 }
                                 r
                             }
@@ -173,30 +187,78 @@ where
                 let done = tokio::task::spawn_blocking(move || background(|| t.place_chunk(round, index, &id, encoding, raw_len, &data))).await??;
                 if let Some((reused, received)) = done {
                     wire::queue(out, Message::Ack { transfer, round, reused, received }).await?;
+                    session.round_complete.notify_waiters();
                 }
             }
             Message::Done { transfer, size, digest } => {
                 let t = session.current(&transfer).await?;
-                session.transfer.send_replace(None);
-                let t = Arc::try_unwrap(t).map_err(|_| anyhow::anyhow!("chunks still being placed at DONE"))?;
-                let mut finishing = tokio::task::spawn_blocking(move || background(|| t.finish(size, &digest)));
-                let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
-                let result = loop {
-                    tokio::select! {
-                        r = &mut finishing => break r?,
-                        _ = keepalive.tick() => wire::ping(out),
-                    }
-                };
-                let reply = match result {
-                    Ok(()) => Message::Committed { transfer, ok: true, digest, message: String::new() },
-                    Err(e) => Message::Committed { transfer, ok: false, digest, message: format!("{e:#}") },
-                };
-                wire::queue(out, reply).await?;
+                // DONE may overtake the last chunks, which travel on other connections: this
+                // connection goes on reading them while the seal waits for them.
+                let (session, out) = (session.clone(), out.clone());
+                tokio::spawn(async move {
+                    let reply = match seal(&session, t, size, &digest, &out).await {
+                        Ok(()) => Message::Committed { transfer, ok: true, digest, message: String::new() },
+                        Err(e) => Message::Committed { transfer, ok: false, digest, message: format!("{e:#}") },
+                    };
+                    let _ = wire::queue(&out, reply).await;
+                });
             }
             Message::Ping { nonce } => {
                 let _ = out.try_send(Message::Pong { nonce });
             }
+            // A sender opens a new session only on a connection whose last one is over.
+            hello @ Message::Hello { .. } => return Ok(Some(hello)),
             other => bail!("unexpected {} from the sender", other.kind()),
+        }
+    }
+}
+
+/// Seals a transfer at DONE: waits until every announced round is in place (the sender says
+/// DONE once it has every WANT, so its last chunks may still be on their way), then checks the
+/// object digest and commits. Pings the sender meanwhile, which waits in silence otherwise.
+async fn seal(session: &Session, t: Arc<Transfer>, size: u64, digest: &[u8; 32], out: &tokio::sync::mpsc::Sender<Message>) -> Result<()> {
+    let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
+    let mut last_progress = (t.still_missing(), tokio::time::Instant::now());
+    loop {
+        let placed = session.round_complete.notified();
+        tokio::pin!(placed);
+        placed.as_mut().enable();
+        let missing = t.still_missing();
+        if missing == 0 {
+            break;
+        }
+        if missing != last_progress.0 {
+            last_progress = (missing, tokio::time::Instant::now());
+        }
+        tokio::select! {
+            _ = placed => {}
+            _ = keepalive.tick() => wire::ping(out),
+            _ = tokio::time::sleep_until(last_progress.1 + wire::IDLE_LIMIT) => {
+                bail!("{missing} blocks still missing, none placed for {} s after DONE: not committed", wire::IDLE_LIMIT.as_secs())
+            }
+        }
+    }
+    drop(t);
+    let mut t = session.transfer.send_replace(None).context("the transfer closed before its DONE was sealed")?;
+    // The task that placed the last chunk lets go of the transfer a moment after its round was
+    // complete.
+    let alone = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let t = loop {
+        match Arc::try_unwrap(t) {
+            Ok(t) => break t,
+            Err(_) if tokio::time::Instant::now() > alone => bail!("chunks still being placed at DONE"),
+            Err(shared) => {
+                t = shared;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+    };
+    let digest = *digest;
+    let mut finishing = tokio::task::spawn_blocking(move || background(|| t.finish(size, &digest)));
+    loop {
+        tokio::select! {
+            r = &mut finishing => return r?,
+            _ = keepalive.tick() => wire::ping(out),
         }
     }
 }
@@ -249,6 +311,12 @@ fn open_transfer(cfg: &ReceiverConfig, id: [u8; 16], path: &str, size: u64, chun
 type RoundDone = Option<(u32, u32)>;
 
 impl Transfer {
+    /// What the announced rounds still lack: blocks expected from the sender, and rounds whose
+    /// local copies are not done.
+    fn still_missing(&self) -> u64 {
+        self.rounds.lock().unwrap().values().map(|r| r.missing_count as u64 + r.local_pending as u64).sum()
+    }
+
     /// Classifies a round without waiting on the disk (unless resuming, where the staging file
     /// must be read): the blocks to WANT at once, and the blocks to copy from local data.
     fn plan_round(&self, round: u64, blocks: Vec<Block>) -> Result<(Vec<u32>, Vec<u32>, RoundDone)> {

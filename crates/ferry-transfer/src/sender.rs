@@ -86,7 +86,9 @@ struct Round {
 /// got the data-heavy rounds never becomes the tail. OPEN and the first ANNOUNCEs go out
 /// without waiting for the answers (the receiver handles them in order), so the first WANT comes
 /// back one round trip after the connections are up.
-pub async fn send<S>(conns: Vec<Conn<S>>, spec: SendSpec, progress: Arc<Progress>) -> Result<SendOutcome>
+///
+/// Returns the connections too, each with nothing left to read of this send, for the next.
+pub async fn send<S>(conns: Vec<Conn<S>>, spec: SendSpec, progress: Arc<Progress>) -> Result<(SendOutcome, Vec<Conn<S>>)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -115,6 +117,7 @@ where
         .collect();
     drop(chunk_tx);
     let (finished_tx, finished_rx) = tokio::sync::watch::channel(false);
+    let committed: Arc<std::sync::Mutex<Option<Message>>> = Arc::default();
     let shared = Arc::new(Shared {
         rounds: Mutex::new(round_rx),
         window: Arc::new(tokio::sync::Semaphore::new(ROUNDS_IN_FLIGHT * n)),
@@ -124,6 +127,8 @@ where
         progress: progress.clone(),
         transfer: spec.transfer,
         finished: finished_tx,
+        all_answered: tokio::sync::watch::Sender::new(false),
+        committed: committed.clone(),
         observer: spec.observer.clone(),
     });
     let open = Message::Open {
@@ -133,22 +138,45 @@ where
         chunking: spec.chunker.to_wire(),
         base: spec.base.clone(),
     };
+    // DONE goes out as soon as every round has its WANT, ahead of the chunks still to come, so
+    // the seal costs no round trip of its own; a live source's digest is known only once its
+    // last block was read, so its DONE waits for the ACKs.
+    let early_done = !spec.live;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Message>();
+    let mut done_rx = early_done.then_some(done_rx);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, conn) in conns.into_iter().enumerate() {
         let first = (i == 0).then(|| open.clone());
-        tasks.spawn(run_connection(i, conn, shared.clone(), finished_rx.clone(), first));
+        let done = if i == 0 { done_rx.take() } else { None };
+        tasks.spawn(run_connection(i, conn, shared.clone(), finished_rx.clone(), first, done));
     }
-    let mut conns: Vec<Option<Conn<S>>> = (0..n).map(|_| None).collect();
-    while let Some(joined) = tasks.join_next().await {
-        // The first connection to fail fails the attempt; the JoinSet aborts the others.
-        let (i, conn) = joined.context("connection task panicked")??;
-        conns[i] = Some(conn);
-    }
+    let join_connections = async {
+        let mut conns: Vec<Option<Conn<S>>> = (0..n).map(|_| None).collect();
+        let mut done_sent = false;
+        while let Some(joined) = tasks.join_next().await {
+            // The first connection to fail fails the attempt; the JoinSet aborts the others.
+            let (i, conn, sent) = joined.context("connection task panicked")??;
+            conns[i] = Some(conn);
+            done_sent |= sent;
+        }
+        Ok::<_, anyhow::Error>((conns, done_sent))
+    };
+    let announce_done = {
+        let shared = shared.clone();
+        async move {
+            let scanned = scanner.await.context("scanner panicked")??;
+            if early_done {
+                let _ = shared.all_answered.subscribe().wait_for(|a| *a).await;
+                let _ = done_tx.send(Message::Done { transfer: spec.transfer, size, digest: scanned.0 });
+            }
+            Ok::<_, anyhow::Error>(scanned)
+        }
+    };
+    let ((mut conns, done_sent), (mut digest, round_count, scanned)) = tokio::try_join!(join_connections, announce_done)?;
     drop(shared);
     for w in workers {
         w.await.context("compression worker panicked")??;
     }
-    let (mut digest, round_count, scanned) = scanner.await.context("scanner panicked")??;
     if let Some(mut blocks) = scanned {
         // The digest names what was placed: a changed block under its new ID.
         for ((round, index), id) in changed.lock().unwrap().drain() {
@@ -161,11 +189,17 @@ where
         digest = d.finish();
     }
     let control = conns[0].as_mut().expect("connection 0 returned");
-    control.send(Message::Done { transfer: spec.transfer, size, digest }).await?;
+    if !done_sent {
+        control.send(Message::Done { transfer: spec.transfer, size, digest }).await?;
+    }
     // The receiver verifies and syncs a large file before it answers, pinging meanwhile.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let msg = tokio::time::timeout_at(deadline.into(), wire::next(control)).await.context("no COMMITTED from the destination")??;
+        let early = committed.lock().unwrap().take();
+        let msg = match early {
+            Some(m) => m,
+            None => tokio::time::timeout_at(deadline.into(), wire::next(control)).await.context("no COMMITTED from the destination")??,
+        };
         match msg {
             Message::Ping { .. } | Message::Pong { .. } => continue,
             Message::Committed { ok: true, digest: theirs, .. } if theirs == digest => break,
@@ -174,7 +208,8 @@ where
             other => bail!("expected COMMITTED, got {}", other.kind()),
         }
     }
-    Ok(SendOutcome { size, digest: hex(&digest), rounds: round_count, seconds: started.elapsed().as_secs_f64() })
+    let outcome = SendOutcome { size, digest: hex(&digest), rounds: round_count, seconds: started.elapsed().as_secs_f64() };
+    Ok((outcome, conns.into_iter().flatten().collect()))
 }
 
 /// Reading and compressing is the sender's CPU work; more workers than cores only adds threads.
@@ -230,6 +265,8 @@ type RoundInFlight = (Arc<Vec<Block>>, u64, Option<tokio::sync::OwnedSemaphorePe
 struct InFlight {
     /// Announced, not yet acknowledged: the blocks, the bytes wanted, the window permit.
     rounds: HashMap<u64, RoundInFlight>,
+    /// Announced, no WANT yet.
+    unanswered: std::collections::HashSet<u64>,
     scan_done: bool,
 }
 
@@ -243,6 +280,10 @@ struct Shared {
     progress: Arc<Progress>,
     transfer: [u8; 16],
     finished: tokio::sync::watch::Sender<bool>,
+    /// Every round announced so far has its WANT, and the scan is over.
+    all_answered: tokio::sync::watch::Sender<bool>,
+    /// COMMITTED, when it came before the last ACK (on another connection).
+    committed: Arc<std::sync::Mutex<Option<Message>>>,
     observer: Option<Observer>,
 }
 
@@ -256,6 +297,7 @@ impl Shared {
             Some(r) => {
                 let blocks = Arc::new(r.blocks);
                 f.rounds.insert(r.number, (blocks.clone(), 0, Some(permit)));
+                f.unanswered.insert(r.number);
                 Some((r.number, blocks))
             }
             None => {
@@ -271,7 +313,10 @@ impl Shared {
             let mut f = self.in_flight.lock().unwrap();
             let entry = f.rounds.get_mut(&round).with_context(|| format!("WANT for unknown round {round}"))?;
             entry.1 += wanted.iter().filter_map(|&i| entry.0.get(i as usize)).map(|b| b.len as u64).sum::<u64>();
-            entry.0.clone()
+            let blocks = entry.0.clone();
+            f.unanswered.remove(&round);
+            self.check_finished(&f);
+            blocks
         };
         if !wanted.is_empty() {
             self.wants.send(WantJob { round, blocks, wanted }).map_err(|_| anyhow::anyhow!("the compression workers stopped"))?;
@@ -282,6 +327,7 @@ impl Shared {
     fn ack(&self, round: u64) -> Result<()> {
         let mut f = self.in_flight.lock().unwrap();
         let (blocks, wanted, _permit) = f.rounds.remove(&round).with_context(|| format!("ACK for unknown round {round}"))?;
+        f.unanswered.remove(&round);
         let data: u64 = blocks.iter().filter(|b| b.id.is_some()).map(|b| b.len as u64).sum();
         // Data the receiver did not ask for it found locally.
         self.progress.reused.fetch_add(data.saturating_sub(wanted), Relaxed);
@@ -294,6 +340,9 @@ impl Shared {
     }
 
     fn check_finished(&self, f: &InFlight) {
+        if f.scan_done && f.unanswered.is_empty() {
+            self.all_answered.send_replace(true);
+        }
         if f.scan_done && f.rounds.is_empty() {
             let _ = self.finished.send(true);
         }
@@ -306,7 +355,9 @@ impl Shared {
 
 /// One connection: its reader handles WANT and ACK for any round; its writer sends its own
 /// control messages first, then whatever chunk is next in the shared queue.
-async fn run_connection<S>(index: usize, conn: Conn<S>, shared: Arc<Shared>, mut finished: tokio::sync::watch::Receiver<bool>, open: Option<Message>) -> Result<(usize, Conn<S>)>
+/// The connection that carried OPEN also carries DONE (`done`, once the sender has it), and
+/// says whether it did.
+async fn run_connection<S>(index: usize, conn: Conn<S>, shared: Arc<Shared>, mut finished: tokio::sync::watch::Receiver<bool>, open: Option<Message>, mut done: Option<tokio::sync::oneshot::Receiver<Message>>) -> Result<(usize, Conn<S>, bool)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -340,9 +391,17 @@ where
     let writer = wire::Writer::new(writer);
     let mut keepalive = tokio::time::interval(wire::KEEPALIVE);
     let mut scan_done = false;
+    let mut done_sent = false;
     loop {
         tokio::select! {
-            _ = until_finished(&mut finished) => break,
+            _ = until_finished(&mut finished), if done.is_none() => break,
+            m = async { done.as_mut().expect("guarded").await }, if done.is_some() => {
+                done = None;
+                if let Ok(m) = m {
+                    wire::queue(&control_tx, m).await?;
+                    done_sent = true;
+                }
+            }
             round = shared.next_round(), if !scan_done => match round {
                 Some((number, blocks)) => {
                     let entries = blocks.iter().map(wire::entry_of).collect();
@@ -362,6 +421,8 @@ where
                 }
                 Message::OpenAck { reason, .. } => bail!("the destination refused the transfer: {reason}"),
                 Message::Pong { .. } | Message::Ping { .. } => {}
+                Message::Committed { ok: false, message, .. } => bail!("the destination did not commit: {message}"),
+                m @ Message::Committed { .. } => *shared.committed.lock().unwrap() = Some(m),
                 Message::Error { message, .. } => bail!("the destination reported: {message}"),
                 other => bail!("unexpected {} from the destination", other.kind()),
             },
@@ -370,7 +431,7 @@ where
     }
     drop(control_tx);
     let sink = writer.finish().await?;
-    Ok((index, sink.reunite(stream).expect("halves of one connection")))
+    Ok((index, sink.reunite(stream).expect("halves of one connection"), done_sent))
 }
 
 async fn until_finished(rx: &mut tokio::sync::watch::Receiver<bool>) {

@@ -110,3 +110,52 @@ async fn content_defined_chunks_find_a_file_whose_data_shifted() {
     assert!(wanted <= 3 * 256 * 1024, "only the chunks around the insertion travel: {wanted} of {} bytes", body.len());
     assert!(p.reused.load(Relaxed) > 5_000_000);
 }
+
+/// A session's connections outlive it: after COMMITTED the sender has every connection back
+/// with nothing of the transfer left to read, and a HELLO on each hands the receiver's side back
+/// too, so a second transfer runs on the same sockets (and their congestion state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_of_a_finished_transfer_carry_the_next() {
+    use futures::SinkExt;
+    let d = dir("reuse");
+    let (src, data) = (d.join("src.raw"), d.join("data"));
+    write_image(&src, 120, 3);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = 3;
+    let session = Session::new(Arc::new(ReceiverConfig::new(data.clone(), KEY)));
+    let server = tokio::spawn(async move {
+        let mut served = Vec::new();
+        for _ in 0..connections {
+            let (tcp, _) = listener.accept().await.unwrap();
+            served.push(tokio::spawn(receiver::serve(Framed::new(tcp, FrameCodec), session.clone(), None)));
+        }
+        served
+    });
+    let mut conns = Vec::new();
+    for _ in 0..connections {
+        conns.push(Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec));
+    }
+    let served = server.await.unwrap();
+    let spec = |transfer: u8| SendSpec { source: src.clone(), dest_path: "img.raw".into(), base: None, chunker: Chunker::Fixed { block: 65536 }, zstd_level: 1, transfer: [transfer; 16], tenant_key: KEY, live: false, observer: None };
+    let (first, mut conns) = sender::send(conns, spec(1), Arc::new(Progress::default())).await.unwrap();
+    assert_eq!(conns.len(), connections, "every connection comes back");
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());
+
+    let hello = ferry_proto::Message::Hello { version: ferry_proto::PROTOCOL_VERSION, min_version: ferry_proto::PROTOCOL_VERSION, site: "a".into(), session: [2; 16], connection_index: 0, connection_count: connections as u16 };
+    for c in conns.iter_mut() {
+        c.send(hello.clone()).await.unwrap();
+    }
+    let second_session = Session::new(Arc::new(ReceiverConfig::new(data.clone(), KEY)));
+    for handle in served {
+        let (conn, said) = handle.await.unwrap().unwrap().expect("the receiver hands the connection back at HELLO");
+        assert!(matches!(said, ferry_proto::Message::Hello { session, .. } if session == [2; 16]));
+        tokio::spawn(receiver::serve(conn, second_session.clone(), None));
+    }
+    write_image(&src, 120, 9);
+    let progress = Arc::new(Progress::default());
+    let (second, _) = sender::send(conns, spec(2), progress.clone()).await.unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());
+    assert_ne!(first.digest, second.digest);
+    assert!(progress.reused.load(Relaxed) > 0, "the second transfer still sends only what changed");
+}
