@@ -88,6 +88,8 @@ pub struct ColdRow {
     pub ferry_payload_bytes: Option<u64>,
     pub ferry_wanted_raw_bytes: Option<u64>,
     pub ferry_reused_bytes: Option<u64>,
+    /// Attempts the send took (more than one: it failed and resumed).
+    pub ferry_attempts: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +178,9 @@ fn run_rtt(bench: &ColdBench, cfg: &LabConfig, images: &DiskImages, keys: &SshKe
             let after = lab::status(&cfg.name)?;
             if outcome.is_err() || run + 1 == runs {
                 procs.stop_agents();
+                if method.is_ferry() {
+                    keep_agent_logs(&bench.work_dir.join("logs"), rtt_ms, method);
+                }
             }
             let ferry_summary = outcome.with_context(|| format!("{} at {rtt_ms} ms RTT", method.name()))?;
             let verified = same_bytes(&images.newer, &dest)?;
@@ -193,13 +198,15 @@ fn run_rtt(bench: &ColdBench, cfg: &LabConfig, images: &DiskImages, keys: &SshKe
                 ferry_payload_bytes: field(&["progress", "sent_payload"]),
                 ferry_wanted_raw_bytes: field(&["progress", "wanted_raw"]),
                 ferry_reused_bytes: field(&["progress", "reused"]),
+                ferry_attempts: field(&["attempts"]),
             };
             println!(
-                "   {:<16} run {run}: {:>8.2} s  wire {:>8.1} MB  {}",
+                "   {:<16} run {run}: {:>8.2} s  wire {:>8.1} MB  {}{}",
                 method.name(),
                 seconds,
                 fwd as f64 / 1e6,
-                if verified { "byte-equal" } else { "DIFFERENT" }
+                if verified { "byte-equal" } else { "DIFFERENT" },
+                row.ferry_attempts.filter(|&a| a > 1).map_or(String::new(), |a| format!("  ({a} attempts)"))
             );
             if !verified {
                 bail!("{} at {rtt_ms} ms RTT left a destination image that differs from the source", method.name());
@@ -208,6 +215,13 @@ fn run_rtt(bench: &ColdBench, cfg: &LabConfig, images: &DiskImages, keys: &SshKe
         }
     }
     Ok(())
+}
+
+/// The next method's agents write their logs afresh: these are kept under the RTT and method.
+fn keep_agent_logs(logs: &Path, rtt_ms: f64, method: Method) {
+    for site in ["a", "b"] {
+        let _ = std::fs::copy(logs.join(format!("agent-{site}.log")), logs.join(format!("{rtt_ms:.0}ms-{}-agent-{site}.log", method.name())));
+    }
 }
 
 /// Runs one method; ferry's methods return ferry's JSON summary.

@@ -41,11 +41,13 @@ pub struct Session {
     copy_slots: Arc<tokio::sync::Semaphore>,
     /// Woken whenever a round of the open transfer is complete: a DONE that came early waits.
     round_complete: tokio::sync::Notify,
+    /// DONEs being sealed: the sender, waiting for COMMITTED, is silent meanwhile.
+    sealing: std::sync::atomic::AtomicUsize,
 }
 
 impl Session {
     pub fn new(cfg: Arc<ReceiverConfig>) -> Arc<Self> {
-        Arc::new(Session { cfg, transfer: tokio::sync::watch::Sender::new(None), copy_slots: Arc::new(tokio::sync::Semaphore::new(2)), round_complete: tokio::sync::Notify::new() })
+        Arc::new(Session { cfg, transfer: tokio::sync::watch::Sender::new(None), copy_slots: Arc::new(tokio::sync::Semaphore::new(2)), round_complete: tokio::sync::Notify::new(), sealing: Default::default() })
     }
 
     fn is_open(&self) -> bool {
@@ -126,6 +128,7 @@ where
         let msg = match first.take() {
             Some(m) => m,
             None => match tokio::time::timeout(wire::IDLE_LIMIT, stream.next()).await {
+            Err(_) if session.sealing.load(Relaxed) > 0 => continue,
             Err(_) if !session.is_open() => return Ok(None), // an idle spare connection
             Err(_) => bail!("the sender sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),
             Ok(None) => return Ok(None),
@@ -195,12 +198,14 @@ where
                 // DONE may overtake the last chunks, which travel on other connections: this
                 // connection goes on reading them while the seal waits for them.
                 let (session, out) = (session.clone(), out.clone());
+                session.sealing.fetch_add(1, Relaxed);
                 tokio::spawn(async move {
                     let reply = match seal(&session, t, size, &digest, &out).await {
                         Ok(()) => Message::Committed { transfer, ok: true, digest, message: String::new() },
                         Err(e) => Message::Committed { transfer, ok: false, digest, message: format!("{e:#}") },
                     };
                     let _ = wire::queue(&out, reply).await;
+                    session.sealing.fetch_sub(1, Relaxed);
                 });
             }
             Message::Ping { nonce } => {

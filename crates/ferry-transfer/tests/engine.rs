@@ -159,3 +159,48 @@ async fn the_connections_of_a_finished_transfer_carry_the_next() {
     assert_ne!(first.digest, second.digest);
     assert!(progress.reused.load(Relaxed) > 0, "the second transfer still sends only what changed");
 }
+
+/// DONE may come before the last chunks (they travel on other connections), so the receiver
+/// waits for them; a chunk that never comes leaves nothing committed, and the sender hears why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_whose_chunks_never_come_commits_nothing() {
+    use ferry_proto::{Entry, EntryKind, Message};
+    use futures::{SinkExt, StreamExt};
+    let d = dir("early-done");
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let session = Session::new(Arc::new(ReceiverConfig::new(data.clone(), KEY)));
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = receiver::serve(Framed::new(tcp, FrameCodec), session, None).await;
+    });
+    let mut c = Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec);
+    let transfer = [5; 16];
+    c.send(Message::Open { transfer, path: "x.raw".into(), size: 65536, chunking: Chunker::Fixed { block: 65536 }.to_wire(), base: None }).await.unwrap();
+    c.send(Message::Announce { transfer, round: 0, entries: vec![Entry { offset: 0, len: 65536, kind: EntryKind::Data([9; 32]) }] }).await.unwrap();
+    c.send(Message::Done { transfer, size: 65536, digest: [1; 32] }).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut last_ping = started;
+    let (ok, message) = loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "no answer to DONE");
+        // A live sender pings every second; the receiver takes a silent one for a cut link.
+        if last_ping.elapsed() >= std::time::Duration::from_secs(1) {
+            c.send(Message::Ping { nonce: 0 }).await.unwrap();
+            last_ping = std::time::Instant::now();
+        }
+        let Ok(next) = tokio::time::timeout(std::time::Duration::from_millis(200), c.next()).await else { continue };
+        match next.unwrap().unwrap() {
+            Message::Committed { ok, message, .. } => break (ok, message),
+            Message::OpenAck { accepted, .. } => assert!(accepted),
+            Message::Want { wanted, .. } => assert_eq!(wanted, vec![0]),
+            Message::Ping { .. } | Message::Pong { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(!ok, "committed without its data");
+    assert!(message.contains("still missing"), "{message}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5), "the receiver waited for the chunk before it gave up");
+    assert!(!data.join("x.raw").exists(), "nothing was committed");
+}

@@ -776,31 +776,6 @@ impl SwitchoverGate {
     }
 }
 
-#[cfg(test)]
-mod gate_tests {
-    use super::*;
-
-    #[test]
-    fn the_go_ahead_waits_for_the_gate_and_what_precedes_it_does_not() {
-        let gate = Arc::new(SwitchoverGate::new(false));
-        // Two return-path messages (a 2-byte one of type 3, then the go-ahead) and half of a third.
-        let rp = [0, 3, 0, 2, 0xaa, 0xbb, 0, RP_SWITCHOVER_ACK as u8, 0, 0, 0, 5];
-        assert_eq!(gate.pass(&rp[..6]), 6);
-        assert_eq!(gate.pass(&rp[..5]), 0, "a message is passed whole");
-        let held = Instant::now();
-        let opener = {
-            let gate = gate.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(100));
-                gate.open();
-            })
-        };
-        assert_eq!(gate.pass(&rp), rp.len(), "once open, everything goes");
-        assert!(held.elapsed() >= Duration::from_millis(100), "the go-ahead went before the gate opened");
-        opener.join().unwrap();
-    }
-}
-
 /// After a failure: QEMU abandons the migration and, if it had stopped the VM, starts it again.
 /// Says what state the source VM is left in.
 async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId) -> String {
@@ -833,3 +808,28 @@ async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration
 
 #[allow(dead_code)]
 const _: () = assert!(PAGE == ferry_migrate::PAGE_SIZE);
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    #[test]
+    fn the_go_ahead_waits_for_the_gate_and_what_precedes_it_does_not() {
+        let gate = Arc::new(SwitchoverGate::new(false));
+        // Two return-path messages (a 2-byte one of type 3, then the go-ahead) and half of a third.
+        let rp = [0, 3, 0, 2, 0xaa, 0xbb, 0, RP_SWITCHOVER_ACK as u8, 0, 0, 0, 5];
+        assert_eq!(gate.pass(&rp[..6]), 6);
+        assert_eq!(gate.pass(&rp[..5]), 0, "a message is passed whole");
+        let held = Instant::now();
+        let opener = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                gate.open();
+            })
+        };
+        assert_eq!(gate.pass(&rp), rp.len(), "once open, everything goes");
+        assert!(held.elapsed() >= Duration::from_millis(100), "the go-ahead went before the gate opened");
+        opener.join().unwrap();
+    }
+}
