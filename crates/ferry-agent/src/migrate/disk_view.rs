@@ -120,3 +120,34 @@ pub fn refuse_external_files(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qemu_img(args: &[&str]) {
+        let out = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img");
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// What a destination boots and a cold move carries must be one self-contained file: an
+    /// image naming another file of the host (a backing file, an external data file) is refused.
+    #[test]
+    fn only_self_contained_qcow2_images_pass() {
+        let dir = std::env::temp_dir().join(format!("ferry-disk-view-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        qemu_img(&["create", "-q", "-f", "qcow2", &p("plain.qcow2"), "64M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", &p("plain.qcow2"), "-F", "qcow2", &p("overlay.qcow2")]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", p("data.raw")), &p("external.qcow2"), "64M"]);
+        qemu_img(&["create", "-q", "-f", "raw", &p("disk.raw"), "64M"]);
+
+        refuse_external_files(Path::new(&p("plain.qcow2"))).expect("a plain qcow2 image passes");
+        let err = |name: &str| format!("{:#}", refuse_external_files(Path::new(&p(name))).expect_err(name));
+        assert!(err("overlay.qcow2").contains("a backing file"), "{}", err("overlay.qcow2"));
+        assert!(err("external.qcow2").contains("an external data file"), "{}", err("external.qcow2"));
+        assert!(err("disk.raw").contains("not a qcow2 image"), "{}", err("disk.raw"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
