@@ -187,7 +187,8 @@ pub async fn open_leased(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to
     open_n(cfg, identity, warm, to_site, counter, None).await
 }
 
-/// The session's connections' byte counters, to detach from its count when they go back.
+/// A session's hold on the pool's connections (the pool does not replace them meanwhile), and
+/// their byte counters, to detach from the session's count when they go back.
 pub struct Lease {
     pool: Option<crate::warm::PoolLease>,
     counters: Vec<Arc<CounterSlot>>,
@@ -208,7 +209,7 @@ impl Lease {
                 IdleConn::new(conn, counter)
             })
             .collect();
-        lease.pool().give_back(idle).await;
+        lease.give_back(idle).await;
     }
 }
 

@@ -111,8 +111,14 @@ impl Drop for PoolLease {
 }
 
 impl PoolLease {
-    pub fn pool(&self) -> &PeerPool {
-        &self.pool
+    /// Connections the session is done with, first in line for the next (see
+    /// `session::Lease`). The pool keeps no more than it wants: the connections that never
+    /// carried a session go first.
+    pub async fn give_back(&self, conns: Vec<IdleConn>) {
+        let mut idle = self.pool.idle.lock().await;
+        let target = idle.len().max(self.pool.target.load(std::sync::atomic::Ordering::Relaxed));
+        idle.splice(0..0, conns);
+        idle.truncate(target);
     }
 }
 
@@ -120,16 +126,6 @@ impl PeerPool {
     pub fn lease(self: &Arc<Self>, count: usize) -> PoolLease {
         self.leased.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
         PoolLease { pool: self.clone(), count }
-    }
-
-    /// Connections a session is done with, first in line for the next (see `session::Lease`).
-    /// The pool keeps no more than it wants: the connections that never carried a session go
-    /// first.
-    pub async fn give_back(&self, conns: Vec<IdleConn>) {
-        let mut idle = self.idle.lock().await;
-        let target = idle.len().max(self.target.load(std::sync::atomic::Ordering::Relaxed));
-        idle.splice(0..0, conns);
-        idle.truncate(target);
     }
 }
 
