@@ -18,6 +18,9 @@ pub struct AgentConfig {
     pub link_rate_bps: u64,
     /// Debugging only: carry sessions over plain TCP (never a default).
     pub insecure_plaintext: bool,
+    /// Whether new warm connections first measure the path with filler (see `warm::measure`).
+    #[serde(default)]
+    pub no_path_probe: bool,
 }
 
 impl AgentConfig {

@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod session;
 pub mod warm;
+pub mod path_probe;
 pub mod qmp;
 pub mod vm;
 pub mod pages;

@@ -166,11 +166,19 @@ async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: Arc
 
 /// A new authenticated connection, its byte-counter slot, and its TCP handshake time (one RTT).
 pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration)> {
+    dial_tcp(identity, to_site, addr).await.map(|(stream, slot, rtt, _)| (stream, slot, rtt))
+}
+
+/// As `dial`, with the TCP socket's descriptor, valid while the stream lives: its congestion
+/// control's state is read from it (`warm::measure`).
+pub(crate) async fn dial_tcp(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration, std::os::fd::RawFd)> {
+    use std::os::fd::AsRawFd;
     let t = Instant::now();
     let tcp = tcp_connect(to_site, addr).await?;
     let rtt = t.elapsed();
+    let fd = tcp.as_raw_fd();
     let slot = Arc::new(CounterSlot::default());
-    Ok((secure(identity, to_site, tcp, slot.clone()).await?, slot, rtt))
+    Ok((secure(identity, to_site, tcp, slot.clone()).await?, slot, rtt, fd))
 }
 
 /// Opens a session to `to_site` on the warm connections the agent keeps ready, dialling what
@@ -314,6 +322,7 @@ async fn accept_one(
                 match tokio::time::timeout(wire::IDLE_LIMIT, conn.next()).await {
                     Ok(None) => return Ok(()), // the peer's pool had a connection too many
                     Ok(Some(Ok(Message::Ping { nonce }))) => conn.send(Message::Pong { nonce }).await?,
+                    Ok(Some(Ok(Message::Filler { .. }))) => {} // the peer measures the path
                     Ok(Some(Ok(m))) => break m,
                     Ok(Some(Err(e))) => return Err(anyhow::Error::new(e).context(format!("reading from {peer}"))),
                     Err(_) => bail!("{peer} sent nothing for {} s: link cut?", wire::IDLE_LIMIT.as_secs()),

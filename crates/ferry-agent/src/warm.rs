@@ -3,7 +3,7 @@
 //! (as an IPsec tunnel is set up before traffic flows). Idle connections are pinged so neither
 //! side's idle limit closes them; a connection that fails is replaced.
 use crate::config::AgentConfig;
-use crate::session::{connections_for, dial, BoxStream, CounterSlot, Identity};
+use crate::session::{connections_for, dial_tcp, BoxStream, CounterSlot, Identity};
 use ferry_proto::{FrameCodec, Message};
 use ferry_transfer::wire::{self, Conn};
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -34,6 +34,8 @@ pub struct PeerPool {
     idle: tokio::sync::Mutex<Vec<IdleConn>>,
     /// The smallest TCP handshake time seen: the path's RTT.
     rtt: Mutex<Option<Duration>>,
+    /// The path's rate as the last probe of new connections found it (bit/s).
+    rate_bps: Mutex<Option<u64>>,
     /// How many connections the pool keeps ready.
     target: std::sync::atomic::AtomicUsize,
     /// Taken by sessions that may give them back: the pool does not replace those meanwhile.
@@ -46,6 +48,9 @@ pub struct PeerStatus {
     pub ready: usize,
     pub wanted: usize,
     pub rtt_ms: Option<f64>,
+    /// The rate the connections' congestion control measured (see `path_probe`).
+    #[serde(default)]
+    pub rate_mbps: Option<f64>,
 }
 
 pub struct Warm {
@@ -89,7 +94,8 @@ impl Warm {
         for (site, pool) in &self.peers {
             let rtt = *pool.rtt.lock().unwrap();
             let ready = pool.idle.lock().await.len();
-            out.insert(site.clone(), PeerStatus { ready, wanted: rtt.map_or(0, |r| pool_size(link_rate_bps, r)), rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3) });
+            let rate_mbps = pool.rate_bps.lock().unwrap().map(|r| r as f64 / 1e6);
+            out.insert(site.clone(), PeerStatus { ready, wanted: rtt.map_or(0, |r| pool_size(link_rate_bps, r)), rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3), rate_mbps });
         }
         out
     }
@@ -138,22 +144,24 @@ fn pool_size(link_rate_bps: u64, rtt: Duration) -> usize {
 async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, pool: Arc<PeerPool>) {
     let Ok(addr) = cfg.peer(&site) else { return };
     let mut failures = 0u32;
+    // Dialled, not yet measured: they join the pool together once it is full.
+    let mut fresh: Vec<(IdleConn, std::os::fd::RawFd)> = Vec::new();
     loop {
         let rtt = *pool.rtt.lock().unwrap();
         let target = rtt.map_or(2, |r| pool_size(cfg.link_rate_bps, r));
         pool.target.store(target, std::sync::atomic::Ordering::Relaxed);
-        let have = pool.idle.lock().await.len() + pool.leased.load(std::sync::atomic::Ordering::Relaxed);
+        let have = pool.idle.lock().await.len() + pool.leased.load(std::sync::atomic::Ordering::Relaxed) + fresh.len();
         if have < target {
-            let dials = (have..target).map(|_| dial(&identity, &site, addr));
+            let dials = (have..target).map(|_| dial_tcp(&identity, &site, addr));
             let mut added = 0;
             for r in futures::future::join_all(dials).await {
                 match r {
-                    Ok((stream, slot, handshake)) => {
+                    Ok((stream, slot, handshake, fd)) => {
                         {
                             let mut best = pool.rtt.lock().unwrap();
                             *best = Some(best.map_or(handshake, |b| b.min(handshake)));
                         }
-                        pool.idle.lock().await.push(IdleConn::new(Framed::new(stream, FrameCodec), slot));
+                        fresh.push((IdleConn::new(Framed::new(stream, FrameCodec), slot), fd));
                         added += 1;
                     }
                     Err(e) => {
@@ -172,12 +180,46 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
                 continue; // the RTT may now call for more
             }
         }
+        if !fresh.is_empty() {
+            // Only a pool starting afresh (the agent started, or the link took every connection)
+            // measures the path. A refill after a session that kept its connections (a
+            // migration) does not: filler after every move would cost more WAN traffic than
+            // the moves' slow starts save.
+            let afresh = pool.idle.lock().await.is_empty() && pool.leased.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            let ready = if cfg.no_path_probe || !afresh { fresh.drain(..).map(|(c, _)| c).collect() } else { measured(&cfg, &site, &pool, &mut fresh).await };
+            pool.idle.lock().await.extend(ready);
+        }
         let pause = if failures > 0 { Duration::from_secs(2) } else { wire::KEEPALIVE };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = pool.refill.notified() => {}
         }
         keep_alive(&pool).await;
+    }
+}
+
+/// The new connections once they measured the path (`path_probe`); none if that failed (the
+/// pool dials again).
+async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut Vec<(IdleConn, std::os::fd::RawFd)>) -> Vec<IdleConn> {
+    let rtt = pool.rtt.lock().unwrap().unwrap_or_default();
+    let mut conns: Vec<(Conn<BoxStream>, std::os::fd::RawFd)> = Vec::with_capacity(fresh.len());
+    let mut slots = Vec::with_capacity(fresh.len());
+    for (c, fd) in fresh.drain(..) {
+        conns.push((c.conn, fd));
+        slots.push(c.counter);
+    }
+    match crate::path_probe::measure(&mut conns, rtt, cfg.link_rate_bps).await {
+        Ok(m) => {
+            if let Some(m) = &m {
+                *pool.rate_bps.lock().unwrap() = Some(m.rate_bps);
+                tracing::info!(to = %site, connections = conns.len(), rate_mbps = m.rate_bps / 1_000_000, filler_mb = m.filler_bytes as f64 / 1e6, took_ms = m.took.as_millis() as u64, "path measured");
+            }
+            std::iter::zip(conns, slots).map(|((conn, _), counter)| IdleConn::new(conn, counter)).collect()
+        }
+        Err(e) => {
+            tracing::warn!(to = %site, "measuring the path failed: {e:#}");
+            Vec::new()
+        }
     }
 }
 

@@ -66,6 +66,11 @@ pub struct AgentArgs {
     /// Debugging only: no TLS. Never use on a real network.
     #[arg(long, hide = true)]
     insecure_plaintext: bool,
+    /// Do not let new connections to a peer measure the path with filler before their first
+    /// session: saves up to a few bandwidth-delay products of WAN traffic per reconnect, and
+    /// the first session after it starts in TCP slow start.
+    #[arg(long)]
+    no_path_probe: bool,
 }
 
 pub fn agent(args: AgentArgs) -> Result<()> {
@@ -77,6 +82,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         peers: args.peers.into_iter().collect::<BTreeMap<_, _>>(),
         link_rate_bps: args.link_rate,
         insecure_plaintext: args.insecure_plaintext,
+        no_path_probe: args.no_path_probe,
     });
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let identity = Arc::new(Identity::load(&cfg)?);
@@ -117,7 +123,8 @@ pub fn status(a: StatusArgs) -> Result<()> {
     }
     for (site, p) in peers {
         let rtt = p.rtt_ms.map_or("unreachable so far".to_string(), |r| format!("RTT {r:.1} ms"));
-        println!("{site}: {} of {} connections ready · {rtt}", p.ready, p.wanted);
+        let rate = p.rate_mbps.map_or(String::new(), |r| format!(" · path measured at {r:.0} Mbit/s"));
+        println!("{site}: {} of {} connections ready · {rtt}{rate}", p.ready, p.wanted);
     }
     Ok(())
 }

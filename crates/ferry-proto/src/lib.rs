@@ -15,7 +15,8 @@
 //!    it if it matches its own ID, and the object digest follows the IDs actually placed;
 //! 4. `Done` carries the whole object's digest; `Committed` answers it.
 //!
-//! `Ping` / `Pong` keep idle connections observable; `Error` reports a fatal condition.
+//! `Ping` / `Pong` keep idle connections observable; `Filler` (before any session) lets a warm
+//! connection's congestion control measure the path; `Error` reports a fatal condition.
 //!
 //! ```no_run
 //! use ferry_proto::{FrameCodec, Message};
@@ -57,6 +58,7 @@
 //! | `0x03` | `Error`     | code u16, message str                                                     |
 //! | `0x04` | `Ping`      | nonce u64                                                                 |
 //! | `0x05` | `Pong`      | nonce u64                                                                 |
+//! | `0x06` | `Filler`    | data (u32 len + bytes, ≤ 16 MiB), discarded                              |
 //! | `0x10` | `Open`      | transfer \[16], path str, size u64, chunking, base opt str                |
 //! | `0x11` | `OpenAck`   | transfer \[16], accepted bool, reason str                                 |
 //! | `0x12` | `Announce`  | transfer \[16], round u64, entries vec (≤ 65536) of entry                 |

@@ -181,6 +181,10 @@ pub enum Message {
     Ping { nonce: u64 },
     /// Answer to a `Ping`.
     Pong { nonce: u64 },
+    /// Bytes that mean nothing, sent on a warm connection before any session to measure the
+    /// path: the congestion control learns the rate it will start the first session at. The
+    /// receiver discards them.
+    Filler { data: Bytes },
 }
 
 /// A message's type byte. Kept apart from [`Message`] so the frame decoder can reject an
@@ -193,6 +197,7 @@ pub(crate) enum MessageType {
     Error = 0x03,
     Ping = 0x04,
     Pong = 0x05,
+    Filler = 0x06,
     Open = 0x10,
     OpenAck = 0x11,
     Announce = 0x12,
@@ -220,6 +225,7 @@ impl MessageType {
             0x03 => Self::Error,
             0x04 => Self::Ping,
             0x05 => Self::Pong,
+            0x06 => Self::Filler,
             0x10 => Self::Open,
             0x11 => Self::OpenAck,
             0x12 => Self::Announce,
@@ -252,6 +258,7 @@ impl MessageType {
             Self::Error => "Error",
             Self::Ping => "Ping",
             Self::Pong => "Pong",
+            Self::Filler => "Filler",
             Self::Open => "Open",
             Self::OpenAck => "OpenAck",
             Self::Announce => "Announce",
@@ -298,6 +305,7 @@ impl Message {
             Self::Error { .. } => MessageType::Error,
             Self::Ping { .. } => MessageType::Ping,
             Self::Pong { .. } => MessageType::Pong,
+            Self::Filler { .. } => MessageType::Filler,
         }
     }
 

@@ -73,7 +73,7 @@ pub(crate) fn validate(msg: &Message) -> Result<(), ProtoError> {
         } => check_chunk(*encoding, *raw_len, data.len()),
         Message::StreamBack { data, .. } => check_blob(data.len()),
         Message::StreamEnd { .. } | Message::StreamAck { .. } | Message::PageWant { .. } => Ok(()),
-        Message::PageData { data, .. } => check_blob(data.len()),
+        Message::PageData { data, .. } | Message::Filler { data } => check_blob(data.len()),
         Message::Ack { .. }
         | Message::Done { .. }
         | Message::Ping { .. }
@@ -187,6 +187,7 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::Committed { message, .. } => 16 + 1 + 32 + string_len(message),
         Message::Error { message, .. } => 2 + string_len(message),
         Message::Ping { .. } | Message::Pong { .. } => 8,
+        Message::Filler { data } => 4 + data.len(),
         Message::MigrateOpen { vm, spec, .. } => 16 + string_len(vm) + 4 + spec.len(),
         Message::MigrateReady { reason, held, .. } => 16 + 1 + string_len(reason) + 4 + held.len(),
         Message::StreamData { data, .. } => 16 + 8 + 1 + 4 + 4 + data.len(),
@@ -349,6 +350,7 @@ pub(crate) fn write_payload(msg: &Message, out: &mut BytesMut) {
             put_string(out, message);
         }
         Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
+        Message::Filler { data } => put_blob(out, data),
         Message::MigrateOpen { migration, vm, spec } => {
             out.put_slice(migration);
             put_string(out, vm);
@@ -486,6 +488,9 @@ pub(crate) fn read_payload(
         },
         MessageType::Pong => Message::Pong {
             nonce: r.u64("nonce")?,
+        },
+        MessageType::Filler => Message::Filler {
+            data: read_blob(&mut r, "data")?,
         },
         MessageType::MigrateOpen => Message::MigrateOpen {
             migration: r.array("migration")?,

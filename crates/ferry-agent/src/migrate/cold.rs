@@ -40,7 +40,7 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
         summary.bulk_seconds = started.elapsed().as_secs_f64();
         let arrival = Bytes::from(serde_json::to_vec(&Arrival { spec: spec.clone(), cold: true, staged: Vec::new() })?);
         opened.store(true, Relaxed);
-        let (conns, rtt, _) = prepare(ctx, &req, migration, &arrival, &counter).await?;
+        let (conns, rtt, _, _lease) = prepare(ctx, &req, migration, &arrival, &counter).await?;
         drop(conns);
         Ok::<_, anyhow::Error>((summary, rtt))
     };

@@ -353,8 +353,11 @@ const CONVERGE_AFTER: Duration = Duration::from_secs(20);
 const MAX_DOWNTIME_LIMIT_MS: u64 = 2000;
 
 /// Opens the session and has the destination start the VM's QEMU waiting for the stream.
-pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, spec_json: &Bytes, counter: &Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, HashSet<u64>)> {
-    let (mut conns, rtt) = session::open(ctx.cfg, ctx.identity, ctx.warm, &req.to, counter.clone()).await?;
+/// The session's connections, the RTT, the pages the destination holds, and the lease that
+/// keeps the warm pool from dialling replacements (handshakes and a path probe beside the
+/// move) until it is dropped.
+pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, spec_json: &Bytes, counter: &Arc<WireCounter>) -> Result<(Vec<Conn<BoxStream>>, Duration, HashSet<u64>, session::Lease)> {
+    let (mut conns, rtt, lease) = session::open_leased(ctx.cfg, ctx.identity, ctx.warm, &req.to, counter.clone()).await?;
     for c in conns.iter_mut() {
         c.send(Message::MigrateOpen { migration, vm: req.vm.clone(), spec: spec_json.clone() }).await?;
     }
@@ -374,7 +377,7 @@ pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migra
             }
         }
     }
-    Ok((conns, rtt, held))
+    Ok((conns, rtt, held, lease))
 }
 
 pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: mpsc::UnboundedSender<Event>) -> Result<MigrateSummary> {
@@ -421,11 +424,11 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     // Nothing has happened to the VM before the destination is ready, so setting up may be
     // tried again (connections kept warm across a link flap can turn out dead).
     let mut attempt = 0;
-    let (migration, conns, rtt, held) = loop {
+    let (migration, conns, rtt, held, _lease) = loop {
         attempt += 1;
         let migration: MigrationId = session::rand_bytes();
         match prepare(ctx, &req, migration, &spec_json, &counter).await {
-            Ok((conns, rtt, held)) => break (migration, conns, rtt, held),
+            Ok((conns, rtt, held, lease)) => break (migration, conns, rtt, held, lease),
             Err(e) if attempt < SETUP_ATTEMPTS && !e.to_string().contains("refused the VM") => {
                 tracing::warn!(to = %req.to, "setting up the migration failed, trying again: {e:#}");
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -124,6 +124,7 @@ pub fn small_messages() -> Vec<Message> {
             message: "digest mismatch".into(),
         },
         Message::Ping { nonce: 42 },
+        Message::Filler { data: Bytes::from_static(&[0; 32]) },
         Message::Pong { nonce: 42 },
         Message::MigrateOpen {
             migration: TRANSFER,

@@ -154,6 +154,7 @@ pub fn message() -> impl Strategy<Value = Message> {
         ),
         (any::<u16>(), text()).prop_map(|(code, message)| Message::Error { code, message }),
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+        bytes(256).prop_map(|data| Message::Filler { data }),
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         migration_message(),
     ]
