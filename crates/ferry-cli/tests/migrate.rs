@@ -72,6 +72,9 @@ fn a_running_guest_moves_keeps_its_memory_and_address_and_comes_back_by_referenc
     let at_b = vms(&sites, "b");
     assert_eq!((at_b.len(), at_b[0].2.as_str()), (1, "running"), "{at_b:?}");
     assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
+    // The QEMU that took the TCG guest in did so on small pages (see `vm.rs`).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", at_b[0].1)).unwrap();
+    assert!(status.contains("THP_enabled:\t0"), "the destination QEMU runs without huge pages:\n{status}");
     let after = wait_heartbeat_after(&sites, "b", field(&before, "seq").unwrap(), Duration::from_secs(30));
     assert_eq!(field(&after, "corrupt"), Some(0), "the guest's memory check after the move: {after}");
     // The stream was understood (pages by content), and the wire carried less than QEMU wrote.
