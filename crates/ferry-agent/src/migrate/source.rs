@@ -601,7 +601,7 @@ async fn relay(
     let (back_tx, back_rx) = std::sync::mpsc::channel::<Bytes>();
     let mut tasks = tokio::task::JoinSet::new();
     let queue = Arc::new(tokio::sync::Mutex::new(send_rx));
-    let window = Arc::new(StreamWindow::new(rtt, ctx.cfg.link_rate_bps));
+    let window = Arc::new(StreamWindow::new(rtt));
     for c in conns {
         let (sink, stream) = c.split();
         tasks.spawn(write_loop(sink, queue.clone()));
