@@ -146,6 +146,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
     let mut failures = 0u32;
     // Dialled, not yet measured: they join the pool together once it is full.
     let mut fresh: Vec<(IdleConn, std::os::fd::RawFd)> = Vec::new();
+    let mut probe = !cfg.no_path_probe;
     loop {
         let rtt = *pool.rtt.lock().unwrap();
         let target = rtt.map_or(2, |r| pool_size(cfg.link_rate_bps, r));
@@ -186,7 +187,21 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
             // migration) does not: filler after every move would cost more WAN traffic than
             // the moves' slow starts save.
             let afresh = pool.idle.lock().await.is_empty() && pool.leased.load(std::sync::atomic::Ordering::Relaxed) == 0;
-            let ready = if cfg.no_path_probe || !afresh { fresh.drain(..).map(|(c, _)| c).collect() } else { measured(&cfg, &site, &pool, &mut fresh).await };
+            let ready = if !probe || !afresh {
+                probe = !cfg.no_path_probe;
+                fresh.drain(..).map(|(c, _)| c).collect()
+            } else {
+                match measured(&cfg, &site, &pool, &mut fresh).await {
+                    Some(ready) => ready,
+                    None => {
+                        // Its connections are gone. The next set goes unmeasured, so that a
+                        // peer that cannot be measured (one that refuses filler) still gets
+                        // connections.
+                        probe = false;
+                        Vec::new()
+                    }
+                }
+            };
             pool.idle.lock().await.extend(ready);
         }
         let pause = if failures > 0 { Duration::from_secs(2) } else { wire::KEEPALIVE };
@@ -198,9 +213,8 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
     }
 }
 
-/// The new connections once they measured the path (`path_probe`); none if that failed (the
-/// pool dials again).
-async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut Vec<(IdleConn, std::os::fd::RawFd)>) -> Vec<IdleConn> {
+/// The new connections once they measured the path (`path_probe`); `None` if that failed.
+async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut Vec<(IdleConn, std::os::fd::RawFd)>) -> Option<Vec<IdleConn>> {
     let rtt = pool.rtt.lock().unwrap().unwrap_or_default();
     let mut conns: Vec<(Conn<BoxStream>, std::os::fd::RawFd)> = Vec::with_capacity(fresh.len());
     let mut slots = Vec::with_capacity(fresh.len());
@@ -214,11 +228,11 @@ async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut Ve
                 *pool.rate_bps.lock().unwrap() = Some(m.rate_bps);
                 tracing::info!(to = %site, connections = conns.len(), rate_mbps = m.rate_bps / 1_000_000, filler_mb = m.filler_bytes as f64 / 1e6, took_ms = m.took.as_millis() as u64, "path measured");
             }
-            std::iter::zip(conns, slots).map(|((conn, _), counter)| IdleConn::new(conn, counter)).collect()
+            Some(std::iter::zip(conns, slots).map(|((conn, _), counter)| IdleConn::new(conn, counter)).collect())
         }
         Err(e) => {
-            tracing::warn!(to = %site, "measuring the path failed: {e:#}");
-            Vec::new()
+            tracing::warn!(to = %site, "measuring the path failed, the next connections go unmeasured: {e:#}");
+            None
         }
     }
 }
