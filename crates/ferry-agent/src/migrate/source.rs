@@ -454,10 +454,11 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
             return Err(e.context(format!("the VM {} keeps running here", req.vm)));
         }
     };
+    tracing::info!(vm = %req.vm, to = %req.to, at_ms = started.elapsed().as_millis() as u64, "the destination waits; QEMU streams");
     let st = Arc::new(PumpState::default());
     let outcome = relay(ctx, &req, migration, conns, rtt, held, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut(), bulk).await;
     match outcome {
-        Ok(()) => {}
+        Ok(()) => tracing::info!(vm = %req.vm, to = %req.to, at_ms = started.elapsed().as_millis() as u64, "the VM runs at the destination"),
         Err(e) => {
             let _ = qemu.shutdown(std::net::Shutdown::Both);
             let state = recover_source(ctx, &req, migration).await;
@@ -665,6 +666,7 @@ async fn relay(
     tokio::pin!(pump_thread);
     let mut pump_done = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_status = String::new();
     let mut limit = limit;
     let mut raised_at = Instant::now();
     let relay_loop = async { loop {
@@ -690,6 +692,10 @@ async fn relay(
             _ = tick.tick() => {
                 let m = ctx.vms.qmp(&req.vm).await?.migration().await?;
                 let status = m["status"].as_str().unwrap_or("").to_string();
+                if status != last_status {
+                    tracing::info!(vm = %req.vm, at_ms = started.elapsed().as_millis() as u64, stream_mb = st.stream_bytes.load(Relaxed) / 1_000_000, "source QEMU: {status}");
+                    last_status.clone_from(&status);
+                }
                 if matches!(status.as_str(), "failed" | "cancelled") {
                     break Err(anyhow::anyhow!("the source QEMU's migration {status}: {}", m["error-desc"].as_str().unwrap_or("no reason given")));
                 }
