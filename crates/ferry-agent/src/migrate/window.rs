@@ -3,7 +3,10 @@
 //! on the wire for 4096 of stream) would make it think the path is faster than it is, and then
 //! everything parked must drain while the VM is stopped. So the source lets out only what the
 //! destination has nearly caught up with: a little over one round trip of the rate at which the
-//! destination QEMU actually takes the stream.
+//! destination QEMU actually takes the stream: the best rate of a round trip in the last half
+//! second. (The rate over the whole half second lagged: the window starts at 16 MiB, which is
+//! 84 MB/s at 200 ms, and each step of its growth waited for the slower past to leave the
+//! measure. The last round trip's alone dips with every stall and shuts the window with it.)
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -12,8 +15,11 @@ use std::time::{Duration, Instant};
 const FLOOR: u64 = 16 << 20;
 /// The window over the measured rate × RTT: room to grow when the window was the limit.
 const GROWTH: f64 = 1.25;
-/// How far back the rate is measured.
+/// How far back the best rate counts.
 const SPAN: Duration = Duration::from_millis(500);
+/// What one rate is measured over, at least: one round trip, but not so short that a burst of
+/// acknowledgements reads as a rate.
+const MIN_SPAN: Duration = Duration::from_millis(50);
 
 pub struct StreamWindow {
     state: Mutex<State>,
@@ -27,11 +33,13 @@ struct State {
     limit: u64,
     closed: bool,
     samples: VecDeque<(Instant, u64)>,
+    /// Rates measured over a round trip each, and when.
+    rates: VecDeque<(Instant, f64)>,
 }
 
 impl StreamWindow {
     pub fn new(rtt: Duration) -> StreamWindow {
-        StreamWindow { state: Mutex::new(State { sent: 0, written: 0, limit: FLOOR, closed: false, samples: VecDeque::new() }), changed: Condvar::new(), rtt: rtt.max(Duration::from_millis(10)) }
+        StreamWindow { state: Mutex::new(State { sent: 0, written: 0, limit: FLOOR, closed: false, samples: VecDeque::new(), rates: VecDeque::new() }), changed: Condvar::new(), rtt: rtt.max(Duration::from_millis(10)) }
     }
 
     /// Waits until `len` more stream bytes may go; false once the window is closed. A batch
@@ -54,14 +62,20 @@ impl StreamWindow {
         s.written = written;
         let now = Instant::now();
         s.samples.push_back((now, written));
-        while s.samples.len() > 2 && now - s.samples[1].0 >= SPAN {
+        let span = self.rtt.max(MIN_SPAN);
+        while s.samples.len() > 2 && now - s.samples[1].0 >= span {
             s.samples.pop_front();
         }
         let (t0, w0) = s.samples[0];
         let span = (now - t0).as_secs_f64();
-        if span >= 0.05 {
+        if span >= MIN_SPAN.as_secs_f64() {
             let rate = (written - w0) as f64 / span;
-            s.limit = FLOOR.max((GROWTH * rate * self.rtt.as_secs_f64()) as u64 + FLOOR / 4);
+            s.rates.push_back((now, rate));
+            while s.rates.front().is_some_and(|(at, _)| now - *at > SPAN) {
+                s.rates.pop_front();
+            }
+            let best = s.rates.iter().map(|(_, r)| *r).fold(0.0, f64::max);
+            s.limit = FLOOR.max((GROWTH * best * self.rtt.as_secs_f64()) as u64 + FLOOR / 4);
         }
         self.changed.notify_all();
     }
@@ -103,5 +117,27 @@ mod tests {
         assert!(limit > 40_000_000 && limit < 80_000_000, "limit {limit}");
         w.close();
         assert!(!w.acquire(u64::MAX / 4), "a closed window lets the pump stop");
+    }
+
+    #[test]
+    fn the_window_follows_the_best_round_trip_of_the_last_half_second() {
+        let w = StreamWindow::new(Duration::from_millis(100));
+        let mut written = 0;
+        // Half a second at 100 MB/s, then 150 ms at 400 MB/s.
+        for (steps, bytes) in [(25, 2_000_000u64), (15, 8_000_000)] {
+            for _ in 0..steps {
+                std::thread::sleep(Duration::from_millis(20));
+                written += bytes;
+                w.acked(written);
+            }
+        }
+        // 400 MB/s × 100 ms × 1.25 + 4 MiB: about 54 MB. Over the half second the rate would
+        // read about 220 MB/s, and the window 32 MB.
+        let limit = w.limit();
+        assert!(limit > 44_000_000, "limit {limit}");
+        // A stall of a round trip does not shut the window.
+        std::thread::sleep(Duration::from_millis(120));
+        w.acked(written + 1_000_000);
+        assert!(w.limit() > 44_000_000, "limit {} after a stall", w.limit());
     }
 }
