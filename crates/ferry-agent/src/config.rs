@@ -18,7 +18,8 @@ pub struct AgentConfig {
     pub link_rate_bps: u64,
     /// Debugging only: carry sessions over plain TCP (never a default).
     pub insecure_plaintext: bool,
-    /// Whether new warm connections first measure the path with filler (see `warm::measure`).
+    /// New warm connections go straight to the pool without first measuring the path with
+    /// filler (see `path_probe`).
     #[serde(default)]
     pub no_path_probe: bool,
 }

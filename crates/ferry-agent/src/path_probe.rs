@@ -8,6 +8,7 @@
 //! WAN traffic of about two bandwidth-delay products when a pool connects, never during a
 //! session.
 use crate::session::BoxStream;
+use crate::warm::IdleConn;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use ferry_proto::Message;
@@ -73,7 +74,7 @@ pub struct PathMeasure {
 /// Sends filler on every connection at once (they share the path as a session's connections
 /// do) until together they have found the rate. `None` where BBR is not in use: other
 /// congestion controls fall back to slow start after idle time, so filler would buy nothing.
-pub async fn measure(conns: &mut [(Conn<BoxStream>, RawFd)], rtt: Duration, link_rate_bps: u64) -> Result<Option<PathMeasure>> {
+pub async fn measure(conns: &mut [(IdleConn, RawFd)], rtt: Duration, link_rate_bps: u64) -> Result<Option<PathMeasure>> {
     if conns.is_empty() || conns.iter().any(|(_, fd)| bbr_info(*fd).is_none()) {
         return Ok(None);
     }
@@ -85,7 +86,7 @@ pub async fn measure(conns: &mut [(Conn<BoxStream>, RawFd)], rtt: Duration, link
     let until = t + (rtt * 40).clamp(Duration::from_secs(1), Duration::from_secs(10));
     let estimates: Vec<AtomicU64> = conns.iter().map(|_| AtomicU64::new(0)).collect();
     let goal = Goal { estimates: &estimates, rate: link_rate_bps / 8 * 9 / 10 };
-    let ramps = conns.iter_mut().enumerate().map(|(i, (conn, fd))| ramp(conn, *fd, &goal, i, budget, until));
+    let ramps = conns.iter_mut().enumerate().map(|(i, (c, fd))| ramp(&mut c.conn, *fd, &goal, i, budget, until));
     let mut measure = PathMeasure { rate_bps: 0, filler_bytes: 0, took: Duration::ZERO };
     for r in futures::future::join_all(ramps).await {
         let (sent, bw) = r?;

@@ -170,7 +170,7 @@ pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -
 }
 
 /// As `dial`, with the TCP socket's descriptor, valid while the stream lives: its congestion
-/// control's state is read from it (`warm::measure`).
+/// control's state is read from it (`path_probe::measure`).
 pub(crate) async fn dial_tcp(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration, std::os::fd::RawFd)> {
     use std::os::fd::AsRawFd;
     let t = Instant::now();

@@ -187,22 +187,15 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
             // migration) does not: filler after every move would cost more WAN traffic than
             // the moves' slow starts save.
             let afresh = pool.idle.lock().await.is_empty() && pool.leased.load(std::sync::atomic::Ordering::Relaxed) == 0;
-            let ready = if !probe || !afresh {
-                probe = !cfg.no_path_probe;
-                fresh.drain(..).map(|(c, _)| c).collect()
-            } else {
-                match measured(&cfg, &site, &pool, &mut fresh).await {
-                    Some(ready) => ready,
-                    None => {
-                        // Its connections are gone. The next set goes unmeasured, so that a
-                        // peer that cannot be measured (one that refuses filler) still gets
-                        // connections.
-                        probe = false;
-                        Vec::new()
-                    }
-                }
-            };
-            pool.idle.lock().await.extend(ready);
+            let measure = probe && afresh;
+            probe = !cfg.no_path_probe;
+            if measure && !measured(&cfg, &site, &pool, &mut fresh).await {
+                // Its connections are gone. The next set goes unmeasured, so that a peer that
+                // cannot be measured (one that refuses filler) still gets connections.
+                fresh.clear();
+                probe = false;
+            }
+            pool.idle.lock().await.extend(fresh.drain(..).map(|(c, _)| c));
         }
         let pause = if failures > 0 { Duration::from_secs(2) } else { wire::KEEPALIVE };
         tokio::select! {
@@ -213,26 +206,24 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
     }
 }
 
-/// The new connections once they measured the path (`path_probe`); `None` if that failed.
-async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut Vec<(IdleConn, std::os::fd::RawFd)>) -> Option<Vec<IdleConn>> {
+/// Has the new connections measure the path (`path_probe`); false if that failed.
+async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut [(IdleConn, std::os::fd::RawFd)]) -> bool {
     let rtt = pool.rtt.lock().unwrap().unwrap_or_default();
-    let mut conns: Vec<(Conn<BoxStream>, std::os::fd::RawFd)> = Vec::with_capacity(fresh.len());
-    let mut slots = Vec::with_capacity(fresh.len());
-    for (c, fd) in fresh.drain(..) {
-        conns.push((c.conn, fd));
-        slots.push(c.counter);
-    }
-    match crate::path_probe::measure(&mut conns, rtt, cfg.link_rate_bps).await {
+    match crate::path_probe::measure(fresh, rtt, cfg.link_rate_bps).await {
         Ok(m) => {
             if let Some(m) = &m {
                 *pool.rate_bps.lock().unwrap() = Some(m.rate_bps);
-                tracing::info!(to = %site, connections = conns.len(), rate_mbps = m.rate_bps / 1_000_000, filler_mb = m.filler_bytes as f64 / 1e6, took_ms = m.took.as_millis() as u64, "path measured");
+                tracing::info!(to = %site, connections = fresh.len(), rate_mbps = m.rate_bps / 1_000_000, filler_mb = m.filler_bytes as f64 / 1e6, took_ms = m.took.as_millis() as u64, "path measured");
             }
-            Some(std::iter::zip(conns, slots).map(|((conn, _), counter)| IdleConn::new(conn, counter)).collect())
+            // Each answered the ping that followed its filler.
+            for (c, _) in fresh.iter_mut() {
+                c.heard = std::time::Instant::now();
+            }
+            true
         }
         Err(e) => {
             tracing::warn!(to = %site, "measuring the path failed, the next connections go unmeasured: {e:#}");
-            None
+            false
         }
     }
 }

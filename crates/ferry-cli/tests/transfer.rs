@@ -78,7 +78,7 @@ fn bbr_available() -> bool {
 
 /// The path rate `site`'s agent measured to `peer` (Mbit/s), waiting for its pool to fill.
 fn measured_rate(sites: &Sites, site: &str, peer: &str) -> f64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = ferry().args(["status", "--json", "--data"]).arg(sites.data(site)).output().unwrap();
         if out.status.success() {
@@ -87,8 +87,8 @@ fn measured_rate(sites: &Sites, site: &str, peer: &str) -> f64 {
                 return rate;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "{site}'s agent never measured the path to {peer}:\n{}", sites.agent_log(site));
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "{site}'s agent never measured the path to {peer}:\n{}", sites.agent_log(site));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -62,8 +62,8 @@ impl StreamWindow {
         s.written = written;
         let now = Instant::now();
         s.samples.push_back((now, written));
-        let span = self.rtt.max(MIN_SPAN);
-        while s.samples.len() > 2 && now - s.samples[1].0 >= span {
+        let round_trip = self.rtt.max(MIN_SPAN);
+        while s.samples.len() > 2 && now - s.samples[1].0 >= round_trip {
             s.samples.pop_front();
         }
         let (t0, w0) = s.samples[0];
