@@ -88,6 +88,11 @@ impl Warm {
         self.peers.get(site).and_then(|p| *p.rtt.lock().unwrap())
     }
 
+    /// The path's rate to `site` as its last probe measured it (bit/s).
+    pub fn rate_bps(&self, site: &str) -> Option<u64> {
+        self.peers.get(site).and_then(|p| *p.rate_bps.lock().unwrap())
+    }
+
     /// Ready connections per peer site, and how many the path calls for.
     pub async fn status(&self, link_rate_bps: u64) -> BTreeMap<String, PeerStatus> {
         let mut out = BTreeMap::new();

@@ -98,6 +98,8 @@ impl Setup {
         let q = ferry_lab::qemu::check_qemu()?;
         std::fs::create_dir_all(&bench.out_dir)?;
         std::fs::create_dir_all(&bench.work_dir)?;
+        // Every run's agent logs are kept (`Ctx::logs`) until the next bench starts.
+        let _ = std::fs::remove_dir_all(bench.work_dir.join("logs"));
         println!("== {} · {} MiB guest, workload {:?}", q.text, bench.memory_mib, bench.workload);
         let image = guest_image::build_guest_image(Path::new(guest_image::DEFAULT_CACHE))?;
         let tls_dir = bench.work_dir.join("qemu-tls");
@@ -180,12 +182,16 @@ pub(crate) fn print_row(r: &LiveRow) {
     if !r.probe_gaps.is_empty() {
         println!("   {:<22} client's gaps over 50 ms (s into the move + ms): {}", "", r.probe_gaps);
     }
+    if r.wire_drops > 0 {
+        println!("   {:<22} the link dropped {} packets (its queue full)", "", r.wire_drops);
+    }
 }
 
 /// Fills the row's wire and probe figures from what a window saw.
 pub(crate) fn seen_figures(row: &mut LiveRow, seen: Seen) {
     row.wire_forward_bytes = seen.wire_forward;
     row.wire_back_bytes = seen.wire_back;
+    row.wire_drops = seen.wire_drops;
     match seen.probe {
         Ok(r) => {
             let (gap, lost_ms) = prober::downtime_ms(&r);
@@ -203,6 +209,11 @@ pub(crate) fn seen_figures(row: &mut LiveRow, seen: Seen) {
 }
 
 impl Ctx<'_> {
+    /// Where one run's agents log: kept for every RTT and run (the agents' data are not).
+    pub fn logs(&self, run: usize) -> PathBuf {
+        self.bench.work_dir.join("logs").join(format!("{:.0}ms-run{run}", self.rtt_ms))
+    }
+
     pub fn row(&self, method: &str, run: usize) -> LiveRow {
         LiveRow { rtt_ms: self.rtt_ms, method: method.into(), run, ..Default::default() }
     }
@@ -256,7 +267,7 @@ impl Ctx<'_> {
         let work = self.bench.work_dir.join("ferry");
         let _ = std::fs::remove_dir_all(&work);
         let (data_a, data_b) = (work.join("a"), work.join("b"));
-        let mut procs = SiteProcesses::new(&self.cfg.name, work.join("logs"));
+        let mut procs = SiteProcesses::new(&self.cfg.name, self.logs(run));
         let vm = SiteVm::new(&self.bench.ferry_exe, "live");
         let result = (|| -> Result<()> {
             let (ip_a, ip_b) = (self.cfg.site("a")?.wan_addr().to_string(), self.cfg.site("b")?.wan_addr().to_string());

@@ -224,7 +224,7 @@ impl Moves<'_> {
         let (data_a, data_b) = (work.join("a"), work.join("b"));
         let (disk_a, disk_b) = (vm_disk(&data_a), vm_disk(&data_b));
         let kept_ring = work.join("ring-at-first-switchover.raw");
-        let mut procs = SiteProcesses::new(&ctx.cfg.name, work.join("logs"));
+        let mut procs = SiteProcesses::new(&ctx.cfg.name, ctx.logs(run).join(if with_disk { "disk" } else { "diskless" }));
         let mut vm = SiteVm::new(&b.ferry_exe, VM);
         if self.bench.overlap_disks {
             vm.migrate_flags.push("--overlap-disks".into());

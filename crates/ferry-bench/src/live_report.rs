@@ -38,6 +38,10 @@ pub struct LiveRow {
     /// IP bytes the lab's forwarder delivered source → destination and back.
     pub wire_forward_bytes: u64,
     pub wire_back_bytes: u64,
+    /// Packets the lab's forwarder dropped between a and b meanwhile (its drop-tail queue full):
+    /// a loss near the switchover costs the VM a retransmission while it stands still.
+    #[serde(default)]
+    pub wire_drops: u64,
     /// The migration stream QEMU wrote.
     pub stream_bytes: Option<u64>,
     pub pages_sent: Option<u64>,

@@ -4,7 +4,7 @@
 use crate::heartbeat::{self, GuestCheck};
 use crate::prober::Prober;
 use crate::site_vm::{Migrated, SiteVm};
-use crate::sites::delivered;
+use crate::sites::{delivered, dropped};
 use anyhow::Result;
 use ferry_lab::control::LabStatus;
 use ferry_lab::lab;
@@ -29,6 +29,8 @@ pub struct Seen {
     /// IP bytes the forwarder delivered source → destination, and back.
     pub wire_forward: u64,
     pub wire_back: u64,
+    /// Packets the forwarder dropped (full queue, or loss) in either direction between a and b.
+    pub wire_drops: u64,
     pub probe: Result<ProbeReport>,
 }
 
@@ -50,11 +52,11 @@ impl Window {
     }
 
     pub fn close(self, from: &str, to: &str) -> Seen {
-        let (wire_forward, wire_back) = match &self.after {
-            Some(after) => (delivered(&self.before, after, from, to), delivered(&self.before, after, to, from)),
-            None => (0, 0),
+        let (wire_forward, wire_back, wire_drops) = match &self.after {
+            Some(after) => (delivered(&self.before, after, from, to), delivered(&self.before, after, to, from), dropped(&self.before, after, from, to) + dropped(&self.before, after, to, from)),
+            None => (0, 0, 0),
         };
-        Seen { wire_forward, wire_back, probe: self.prober.finish() }
+        Seen { wire_forward, wire_back, wire_drops, probe: self.prober.finish() }
     }
 }
 

@@ -103,6 +103,13 @@ pub fn delivered(before: &ferry_lab::control::LabStatus, after: &ferry_lab::cont
     get(after).saturating_sub(get(before))
 }
 
+/// Packets the forwarder dropped from `from` to `to` (its queue full, or its loss) between two
+/// status reads.
+pub fn dropped(before: &ferry_lab::control::LabStatus, after: &ferry_lab::control::LabStatus, from: &str, to: &str) -> u64 {
+    let get = |s: &ferry_lab::control::LabStatus| s.directions.iter().find(|d| d.from == from && d.to == to).map_or(0, |d| d.drops_queue + d.drops_loss);
+    get(after).saturating_sub(get(before))
+}
+
 /// A ferry agent to run in a lab site.
 #[derive(Clone, Copy)]
 pub struct AgentSpec<'a> {

@@ -10,6 +10,7 @@ pub mod disks;
 pub mod doubt;
 pub mod incoming;
 pub mod source;
+pub mod switchover;
 pub mod window;
 
 use crate::pages::PageId;

@@ -56,6 +56,10 @@ struct PumpState {
     /// Zero pages QEMU itself sent as one-byte records.
     qemu_zero_pages: AtomicU64,
     literal_bytes: AtomicU64,
+    /// Batches as encoded (pages the destination holds already references), and as they went
+    /// on the wire: what a page that must be sent costs there.
+    encoded_bytes: AtomicU64,
+    compressed_bytes: AtomicU64,
     /// The RAM section's END went by: the source VM has stopped.
     ram_end: AtomicBool,
     opaque: Mutex<Option<String>>,
@@ -253,7 +257,7 @@ fn encode_batch(migration: MigrationId, seq: u64, raw: Vec<u8>) -> Message {
 }
 
 /// Compresses batches in parallel and queues them in order, then the end marker.
-async fn compress_in_order(migration: MigrationId, mut raw: mpsc::Receiver<Vec<u8>>, out: mpsc::Sender<Message>) -> Result<()> {
+async fn compress_in_order(migration: MigrationId, mut raw: mpsc::Receiver<Vec<u8>>, out: mpsc::Sender<Message>, st: Arc<PumpState>) -> Result<()> {
     let mut pending: FuturesOrdered<tokio::task::JoinHandle<Message>> = FuturesOrdered::new();
     let mut seq = 0u64;
     let mut input_done = false;
@@ -261,6 +265,10 @@ async fn compress_in_order(migration: MigrationId, mut raw: mpsc::Receiver<Vec<u
         tokio::select! {
             Some(done) = pending.next(), if !pending.is_empty() => {
                 let msg: Message = done.context("compressor panicked")?;
+                if let Message::StreamData { raw_len, data, .. } = &msg {
+                    st.encoded_bytes.fetch_add(*raw_len as u64, Relaxed);
+                    st.compressed_bytes.fetch_add(data.len() as u64, Relaxed);
+                }
                 out.send(msg).await.map_err(|_| anyhow::anyhow!("the session ended"))?;
             }
             b = raw.recv(), if !input_done && pending.len() < COMPRESSORS => match b {
@@ -609,7 +617,7 @@ async fn relay(
         tasks.spawn(read_loop(stream, back_tx.clone(), dest_tx.clone(), window.clone(), send_tx.clone(), ctx.store.clone()));
     }
     drop(back_tx);
-    tasks.spawn(compress_in_order(migration, raw_rx, send_tx));
+    tasks.spawn(compress_in_order(migration, raw_rx, send_tx, st.clone()));
     // Pump and return-path writer are plain threads: QEMU's socket is blocking.
     // Pages exchanged with this destination before count as sent: it does not list them again.
     let store = ctx.store.clone();
@@ -634,6 +642,10 @@ async fn relay(
     let gate = Arc::new(SwitchoverGate::new(bulk.is_none()));
     let follow_gate = gate.clone();
     let follow_gate = &*follow_gate;
+    // A move with disks tells QEMU its switchover rate itself, once the bulk pass is done.
+    let tell_rate = disks.is_none();
+    let path_bps = ctx.warm.rate_bps(&req.to).map_or(ctx.cfg.link_rate_bps, |r| r.min(ctx.cfg.link_rate_bps));
+    let mut told_rate = None;
     let follow = async move {
         match disks {
             Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging, follow_gate).await {
@@ -667,6 +679,7 @@ async fn relay(
     let mut pump_done = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_status = String::new();
+    let mut last_view = (0.0, 0.0, 0);
     let mut limit = limit;
     let mut raised_at = Instant::now();
     let relay_loop = async { loop {
@@ -693,8 +706,19 @@ async fn relay(
                 let m = ctx.vms.qmp(&req.vm).await?.migration().await?;
                 let status = m["status"].as_str().unwrap_or("").to_string();
                 if status != last_status {
-                    tracing::info!(vm = %req.vm, at_ms = started.elapsed().as_millis() as u64, stream_mb = st.stream_bytes.load(Relaxed) / 1_000_000, "source QEMU: {status}");
+                    // QEMU's view just before: what it still had to send and at what rate it
+                    // thought it would go, beside what was still on its way.
+                    let (remaining_mb, qemu_mbps, expected_ms) = last_view;
+                    tracing::info!(vm = %req.vm, at_ms = started.elapsed().as_millis() as u64, stream_mb = st.stream_bytes.load(Relaxed) / 1_000_000, remaining_mb, qemu_mbps, expected_ms, in_flight_mb = window.in_flight() as f64 / 1e6, told_mbps = told_rate.map_or(0, |r| r * 8 / 1_000_000), "source QEMU: {status}");
                     last_status.clone_from(&status);
+                }
+                last_view = (m["ram"]["remaining"].as_u64().unwrap_or(0) as f64 / 1e6, m["ram"]["mbps"].as_f64().unwrap_or(0.0), m["expected-downtime"].as_u64().unwrap_or(0));
+                if tell_rate && status == "active" {
+                    let rate = super::switchover::rate(path_bps, st.encoded_bytes.load(Relaxed), st.compressed_bytes.load(Relaxed));
+                    if super::switchover::worth_telling(told_rate, rate) {
+                        ctx.vms.qmp(&req.vm).await?.execute("migrate-set-parameters", json!({"avail-switchover-bandwidth": rate})).await?;
+                        told_rate = Some(rate);
+                    }
                 }
                 if matches!(status.as_str(), "failed" | "cancelled") {
                     break Err(anyhow::anyhow!("the source QEMU's migration {status}: {}", m["error-desc"].as_str().unwrap_or("no reason given")));

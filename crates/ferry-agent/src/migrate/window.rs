@@ -85,6 +85,12 @@ impl StreamWindow {
         self.changed.notify_all();
     }
 
+    /// Stream bytes sent that the destination has not yet written into its QEMU.
+    pub fn in_flight(&self) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.sent.saturating_sub(s.written)
+    }
+
     pub fn limit(&self) -> u64 {
         self.state.lock().unwrap().limit
     }
