@@ -139,7 +139,9 @@ fn accel(spec: &VmSpec) -> &'static str {
 
 /// QEMU's command line for `spec`; `incoming` starts it waiting for a migration.
 pub fn qemu_argv(spec: &VmSpec, dir: &Path, incoming: bool) -> Vec<String> {
-    let mut a: Vec<String> = vec![ferry_qemu(), "-name".into(), spec.name.clone(), "-accel".into(), accel(spec).into()];
+    // Named threads (a vCPU, the migration, the main loop) tell an operator's `top -H` what
+    // the VM's QEMU spends its CPU on during a move.
+    let mut a: Vec<String> = vec![ferry_qemu(), "-name".into(), format!("{},debug-threads=on", spec.name), "-accel".into(), accel(spec).into()];
     // The machine type resolves to the same versioned type on both sites (same QEMU).
     a.extend(["-machine", "pc", "-cpu", "max", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"].map(String::from));
     a.extend(["-m".into(), format!("{}M", spec.memory_mib), "-smp".into(), spec.vcpus.to_string()]);

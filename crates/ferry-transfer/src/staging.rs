@@ -17,7 +17,18 @@ pub struct Staging {
     /// Whether the staging file existed already: its contents may be reused, and ranges now
     /// announced as zero must be cleared.
     pub resumed: bool,
+    /// Bytes written since the kernel was last asked to start writing them out.
+    unflushed: std::sync::atomic::AtomicU64,
 }
+
+/// The kernel starts writing the staging file out every so many bytes, and what it has written
+/// leaves the page cache. Left to itself it waits for gigabytes of dirty pages, and then the
+/// commit's sync writes the whole object while the transfer waits (0.26 s for 494 MB on this
+/// machine; 0.01 s with this). And an object kept in the cache takes a fresh page for every
+/// 4 KiB it writes, which on a virtual machine whose free memory goes back to its host costs
+/// the host's first touch each time: writing 494 MB took 1.2 s so, 0.25 s when the pages written
+/// out are dropped and taken again.
+const WRITEBACK_EVERY: u64 = 16 << 20;
 
 pub fn staging_path(final_path: &Path, transfer: &[u8; 16]) -> PathBuf {
     let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -35,7 +46,7 @@ impl Staging {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)
             .with_context(|| format!("opening staging file {}", path.display()))?;
         file.set_len(size).with_context(|| format!("sizing staging file {} to {size} bytes", path.display()))?;
-        Ok(Staging { final_path: final_path.to_path_buf(), path, file, size, resumed })
+        Ok(Staging { final_path: final_path.to_path_buf(), path, file, size, resumed, unflushed: 0.into() })
     }
 
     pub fn size(&self) -> u64 {
@@ -53,7 +64,18 @@ impl Staging {
 
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
-        self.file.write_all_at(data, offset).map_err(|e| disk_error(e, &self.path))
+        self.file.write_all_at(data, offset).map_err(|e| disk_error(e, &self.path))?;
+        let written = self.unflushed.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed) + data.len() as u64;
+        if written >= WRITEBACK_EVERY {
+            self.unflushed.store(0, std::sync::atomic::Ordering::Relaxed);
+            // Starts the write-out and returns (the commit's sync still waits for all of it);
+            // pages already written out go (dirty ones stay).
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        Ok(())
     }
 
     /// A zero range: nothing to do in a fresh sparse file; in a resumed one, whatever is there
