@@ -643,7 +643,7 @@ async fn relay(
     let follow_gate = gate.clone();
     let follow_gate = &*follow_gate;
     // A move with disks tells QEMU its switchover rate itself, once the bulk pass is done.
-    let tell_rate = disks.is_none();
+    let mut tell_rate = disks.is_none();
     let path_bps = ctx.warm.rate_bps(&req.to).map_or(ctx.cfg.link_rate_bps, |r| r.min(ctx.cfg.link_rate_bps));
     let mut told_rate = None;
     let follow = async move {
@@ -716,8 +716,18 @@ async fn relay(
                 if tell_rate && status == "active" {
                     let rate = super::switchover::rate(path_bps, st.encoded_bytes.load(Relaxed), st.compressed_bytes.load(Relaxed));
                     if super::switchover::worth_telling(told_rate, rate) {
-                        ctx.vms.qmp(&req.vm).await?.execute("migrate-set-parameters", json!({"avail-switchover-bandwidth": rate})).await?;
-                        told_rate = Some(rate);
+                        // A QEMU that refuses the parameter (older than 8.2) migrates on its own
+                        // estimate, as before: worse pauses, not a failed move.
+                        match ctx.vms.qmp(&req.vm).await?.execute("migrate-set-parameters", json!({"avail-switchover-bandwidth": rate})).await {
+                            Ok(_) => {
+                                tracing::info!(vm = %req.vm, told_mbps = rate * 8 / 1_000_000, "QEMU plans its switchover at the rate pages cross the path");
+                                told_rate = Some(rate);
+                            }
+                            Err(e) => {
+                                tracing::warn!(vm = %req.vm, "QEMU plans its switchover on its own estimate: {e:#}");
+                                tell_rate = false;
+                            }
+                        }
                     }
                 }
                 if matches!(status.as_str(), "failed" | "cancelled") {

@@ -28,7 +28,8 @@ pub fn vms(sites: &Sites, site: &str) -> Vec<(String, u64, String)> {
 
 /// QEMU processes running this test's g1 (at either site).
 pub fn qemu_copies(sites: &Sites) -> usize {
-    let pattern = format!("qemu-system-x86_64 -name g1 .*{}", sites.root.display());
+    // The agent names the VM `g1,debug-threads=on`.
+    let pattern = format!("qemu-system-x86_64 -name g1[, ].*{}", sites.root.display());
     let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
