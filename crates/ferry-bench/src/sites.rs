@@ -1,6 +1,7 @@
 //! The daemons a benchmark runs inside lab sites (sshd for the baselines, ferry agents), owned
 //! so that they are stopped whatever happens to the run.
 use anyhow::{bail, Result};
+use ferry_lab::control::{DirectionStatus, LabStatus};
 use ferry_lab::lab;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -98,15 +99,19 @@ impl SshKeys {
 }
 
 /// IP bytes the lab's forwarder delivered from site `from` to `to` between two status reads.
-pub fn delivered(before: &ferry_lab::control::LabStatus, after: &ferry_lab::control::LabStatus, from: &str, to: &str) -> u64 {
-    let get = |s: &ferry_lab::control::LabStatus| s.directions.iter().find(|d| d.from == from && d.to == to).map_or(0, |d| d.delivered_bytes);
-    get(after).saturating_sub(get(before))
+pub fn delivered(before: &LabStatus, after: &LabStatus, from: &str, to: &str) -> u64 {
+    counted(before, after, from, to, |d| d.delivered_bytes)
 }
 
 /// Packets the forwarder dropped from `from` to `to` (its queue full, or its loss) between two
 /// status reads.
-pub fn dropped(before: &ferry_lab::control::LabStatus, after: &ferry_lab::control::LabStatus, from: &str, to: &str) -> u64 {
-    let get = |s: &ferry_lab::control::LabStatus| s.directions.iter().find(|d| d.from == from && d.to == to).map_or(0, |d| d.drops_queue + d.drops_loss);
+pub fn dropped(before: &LabStatus, after: &LabStatus, from: &str, to: &str) -> u64 {
+    counted(before, after, from, to, |d| d.drops_queue + d.drops_loss)
+}
+
+/// How far one of the forwarder's counters for `from` → `to` moved between two status reads.
+fn counted(before: &LabStatus, after: &LabStatus, from: &str, to: &str, counter: fn(&DirectionStatus) -> u64) -> u64 {
+    let get = |s: &LabStatus| s.directions.iter().find(|d| d.from == from && d.to == to).map_or(0, counter);
     get(after).saturating_sub(get(before))
 }
 
