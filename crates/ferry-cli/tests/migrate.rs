@@ -44,24 +44,6 @@ fn wait_heartbeat_after(sites: &Sites, site: &str, seq: u64, within: Duration) -
     }
 }
 
-/// A log as its text reads (the agent colours field names even into a file).
-fn without_colours(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn migrate(sites: &Sites, from: &str, to: &str) -> serde_json::Value {
     let out = vm_ok(sites, from, &["migrate", "g1", "--to", to, "--json"]);
     serde_json::from_str(&out).unwrap()
@@ -104,7 +86,7 @@ fn a_running_guest_moves_keeps_its_memory_and_address_and_comes_back_by_referenc
     // QEMU planned its switchover with the rate pages cross the path at (`switchover.rs`): at
     // most ten times the link's, and not starved (the path probe may find a busy machine's path
     // slower than its link).
-    let log = without_colours(&sites.agent_log("a"));
+    let log = sites.agent_log("a");
     let told: Vec<u64> = log.lines().filter(|l| l.contains("QEMU plans its switchover")).filter_map(|l| l.split("told_mbps=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
     let path_mbps = 1000; // the lab's link, which the agents are told
     assert!(!told.is_empty() && told.iter().all(|&t| (path_mbps / 20..=10 * path_mbps).contains(&t)), "switchover rates told: {told:?}\n{}", tail(&log));
