@@ -5,6 +5,7 @@ pub mod control;
 pub mod session;
 pub mod warm;
 pub mod path_probe;
+pub mod bbr;
 pub mod qmp;
 pub mod vm;
 pub mod pages;

@@ -18,38 +18,6 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-/// What BBR knows about a connection's path (Linux's `struct tcp_bbr_info`).
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
-struct BbrInfo {
-    bw_lo: u32,
-    bw_hi: u32,
-    min_rtt_us: u32,
-    pacing_gain: u32,
-    cwnd_gain: u32,
-}
-
-impl BbrInfo {
-    /// The estimated bottleneck rate, bytes/s.
-    fn bw(&self) -> u64 {
-        (u64::from(self.bw_hi) << 32) | u64::from(self.bw_lo)
-    }
-
-    /// Start-up paces at 2.89 × the estimate (739/256); every later phase at 1.25 × or less.
-    fn starting_up(&self) -> bool {
-        self.pacing_gain > 2 * 256
-    }
-}
-
-/// `None` when the socket's congestion control is not BBR (it reports nothing then).
-fn bbr_info(fd: RawFd) -> Option<BbrInfo> {
-    let mut info = BbrInfo::default();
-    let mut len = std::mem::size_of::<BbrInfo>() as libc::socklen_t;
-    // SAFETY: `info` is a plain C struct of `len` bytes; the kernel writes at most `len`.
-    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CC_INFO, (&mut info as *mut BbrInfo).cast(), &mut len) };
-    (r == 0 && len as usize == std::mem::size_of::<BbrInfo>()).then_some(info)
-}
-
 static FILLER: [u8; 256 << 10] = [0; 256 << 10];
 
 /// While filler flows the socket takes little more than this beyond what is in flight, so
@@ -74,8 +42,8 @@ pub struct PathMeasure {
 /// Sends filler on every connection at once (they share the path as a session's connections
 /// do) until together they have found the rate. `None` where BBR is not in use: other
 /// congestion controls fall back to slow start after idle time, so filler would buy nothing.
-pub async fn measure(conns: &mut [(IdleConn, RawFd)], rtt: Duration, link_rate_bps: u64) -> Result<Option<PathMeasure>> {
-    if conns.is_empty() || conns.iter().any(|(_, fd)| bbr_info(*fd).is_none()) {
+pub async fn measure(conns: &mut [IdleConn], rtt: Duration, link_rate_bps: u64) -> Result<Option<PathMeasure>> {
+    if conns.is_empty() || conns.iter().any(|c| crate::bbr::info(c.fd).is_none()) {
         return Ok(None);
     }
     let t = Instant::now();
@@ -86,7 +54,7 @@ pub async fn measure(conns: &mut [(IdleConn, RawFd)], rtt: Duration, link_rate_b
     let until = t + (rtt * 40).clamp(Duration::from_secs(1), Duration::from_secs(10));
     let estimates: Vec<AtomicU64> = conns.iter().map(|_| AtomicU64::new(0)).collect();
     let goal = Goal { estimates: &estimates, rate: link_rate_bps / 8 * 9 / 10 };
-    let ramps = conns.iter_mut().enumerate().map(|(i, (c, fd))| ramp(&mut c.conn, *fd, &goal, i, budget, until));
+    let ramps = conns.iter_mut().enumerate().map(|(i, c)| ramp(&mut c.conn, c.fd, &goal, i, budget, until));
     let mut measure = PathMeasure { rate_bps: 0, filler_bytes: 0, took: Duration::ZERO };
     for r in futures::future::join_all(ramps).await {
         let (sent, bw) = r?;
@@ -124,7 +92,7 @@ async fn ramp(conn: &mut Conn<BoxStream>, fd: RawFd, goal: &Goal<'_>, index: usi
         while sent < budget && Instant::now() < until {
             tokio::time::timeout(STALL, conn.send(filler.clone())).await.context("filler stalled: link cut?")??;
             sent += FILLER.len() as u64;
-            let info = bbr_info(fd).context("congestion control changed")?;
+            let info = crate::bbr::info(fd).context("congestion control changed")?;
             if !info.starting_up() || goal.reached(index, info.bw()) {
                 break;
             }
@@ -145,5 +113,5 @@ async fn ramp(conn: &mut Conn<BoxStream>, fd: RawFd, goal: &Goal<'_>, index: usi
             None => bail!("the peer closed the connection while it was measured"),
         }
     }
-    Ok((sent, bbr_info(fd).map_or(0, |i| i.bw())))
+    Ok((sent, crate::bbr::info(fd).map_or(0, |i| i.bw())))
 }

@@ -93,23 +93,8 @@ fn sized_socket(addr: SocketAddr) -> Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_recv_buffer_size(SOCKET_BUFFER)?;
     socket.set_send_buffer_size(SOCKET_BUFFER)?;
-    prefer_bbr(&socket);
+    crate::bbr::prefer(&socket);
     Ok(socket)
-}
-
-/// BBR where the kernel has it (accepted sockets inherit it from the listener). It paces at the
-/// rate it measured rather than filling the bottleneck's queue, and, unlike loss-based
-/// congestion control, keeps that measure across idle time instead of falling back to slow
-/// start, so a warm connection that carried one transfer starts the next at full rate.
-fn prefer_bbr(socket: &tokio::net::TcpSocket) {
-    use std::os::fd::AsRawFd;
-    const NAME: &[u8] = b"bbr";
-    // SAFETY: the fd is the socket's own; the option value is a byte string of that length.
-    let r = unsafe { libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, NAME.as_ptr().cast(), NAME.len() as libc::socklen_t) };
-    if r != 0 {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| tracing::info!("TCP BBR is not available here ({}): connections use the system's congestion control", std::io::Error::last_os_error()));
-    }
 }
 
 /// Per-connection TCP window we plan with: the machine's wmem/rmem maximum is 4 MiB, of which
@@ -164,14 +149,10 @@ async fn secure(identity: &Identity, to_site: &str, tcp: TcpStream, counter: Arc
     }
 }
 
-/// A new authenticated connection, its byte-counter slot, and its TCP handshake time (one RTT).
-pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration)> {
-    dial_tcp(identity, to_site, addr).await.map(|(stream, slot, rtt, _)| (stream, slot, rtt))
-}
-
-/// As `dial`, with the TCP socket's descriptor, valid while the stream lives: its congestion
-/// control's state is read from it (`path_probe::measure`).
-pub(crate) async fn dial_tcp(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration, std::os::fd::RawFd)> {
+/// A new authenticated connection, its byte-counter slot, its TCP handshake time (one RTT), and
+/// the TCP socket's descriptor, valid while the stream lives: its congestion control's state is
+/// read and restarted through it (`bbr`).
+pub(crate) async fn dial(identity: &Identity, to_site: &str, addr: SocketAddr) -> Result<(BoxStream, Arc<CounterSlot>, Duration, std::os::fd::RawFd)> {
     use std::os::fd::AsRawFd;
     let t = Instant::now();
     let tcp = tcp_connect(to_site, addr).await?;
@@ -199,7 +180,7 @@ pub async fn open_leased(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to
 /// their byte counters, to detach from the session's count when they go back.
 pub struct Lease {
     pool: Option<crate::warm::PoolLease>,
-    counters: Vec<Arc<CounterSlot>>,
+    counters: Vec<(Arc<CounterSlot>, std::os::fd::RawFd)>,
 }
 
 impl Lease {
@@ -212,9 +193,9 @@ impl Lease {
             return; // which counter is whose is lost: let them close
         }
         let idle = std::iter::zip(conns, self.counters)
-            .map(|(conn, counter)| {
+            .map(|(conn, (counter, fd))| {
                 counter.point_at(&Arc::default());
-                IdleConn::new(conn, counter)
+                IdleConn::new(conn, counter, fd)
             })
             .collect();
         lease.give_back(idle).await;
@@ -239,17 +220,17 @@ async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &s
     let pool = warm.pool(to_site).map(|p| p.lease(ready.len()));
     let mut first_fresh = None;
     if rtt.is_none() {
-        let (stream, slot, handshake) = dial(identity, to_site, addr).await?;
+        let (stream, slot, handshake, fd) = dial(identity, to_site, addr).await?;
         rtt = Some(handshake);
-        first_fresh = Some(IdleConn::new(Framed::new(stream, FrameCodec), slot));
+        first_fresh = Some(IdleConn::new(Framed::new(stream, FrameCodec), slot, fd));
     }
     let rtt = rtt.expect("measured");
     let n = wanted(rtt);
     let warm_count = ready.len();
     ready.extend(first_fresh);
     let fresh = futures::future::try_join_all((ready.len()..n).map(|_| async move {
-        let (stream, slot, _) = dial(identity, to_site, addr).await?;
-        Ok::<_, anyhow::Error>(IdleConn::new(Framed::new(stream, FrameCodec), slot))
+        let (stream, slot, _, fd) = dial(identity, to_site, addr).await?;
+        Ok::<_, anyhow::Error>(IdleConn::new(Framed::new(stream, FrameCodec), slot, fd))
     }))
     .await?;
     ready.extend(fresh);
@@ -260,7 +241,7 @@ async fn open_n(cfg: &AgentConfig, identity: &Identity, warm: &Warm, to_site: &s
         c.counter.point_at(&counter);
         c.conn.send(Message::Hello { version: PROTOCOL_VERSION, min_version: PROTOCOL_VERSION, site: identity.site.clone(), session, connection_index: i as u16, connection_count: n as u16 }).await?;
         conns.push(c.conn);
-        counters.push(c.counter);
+        counters.push((c.counter, c.fd));
     }
     Ok((conns, rtt, Lease { pool, counters }))
 }

@@ -3,11 +3,12 @@
 //! (as an IPsec tunnel is set up before traffic flows). Idle connections are pinged so neither
 //! side's idle limit closes them; a connection that fails is replaced.
 use crate::config::AgentConfig;
-use crate::session::{connections_for, dial_tcp, BoxStream, CounterSlot, Identity};
+use crate::session::{connections_for, dial, BoxStream, CounterSlot, Identity};
 use ferry_proto::{FrameCodec, Message};
 use ferry_transfer::wire::{self, Conn};
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::codec::Framed;
@@ -15,14 +16,16 @@ use tokio_util::codec::Framed;
 pub struct IdleConn {
     pub conn: Conn<BoxStream>,
     pub counter: Arc<CounterSlot>,
+    /// The TCP socket under `conn` (valid while it lives), for its congestion control.
+    pub fd: RawFd,
     /// When the peer last answered on it. Over a cut link a ping is still "sent" (into the
     /// socket's buffer) for minutes: only answers show the connection works.
     pub heard: std::time::Instant,
 }
 
 impl IdleConn {
-    pub fn new(conn: Conn<BoxStream>, counter: Arc<CounterSlot>) -> IdleConn {
-        IdleConn { conn, counter, heard: std::time::Instant::now() }
+    pub fn new(conn: Conn<BoxStream>, counter: Arc<CounterSlot>, fd: RawFd) -> IdleConn {
+        IdleConn { conn, counter, fd, heard: std::time::Instant::now() }
     }
 }
 
@@ -75,6 +78,9 @@ impl Warm {
             let k = idle.len().min(n);
             idle.drain(..k).collect()
         };
+        for c in &taken {
+            crate::bbr::restart(c.fd);
+        }
         pool.refill.notify_one();
         (taken, *pool.rtt.lock().unwrap())
     }
@@ -150,7 +156,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
     let Ok(addr) = cfg.peer(&site) else { return };
     let mut failures = 0u32;
     // Dialled, not yet measured: they join the pool together once it is full.
-    let mut fresh: Vec<(IdleConn, std::os::fd::RawFd)> = Vec::new();
+    let mut fresh: Vec<IdleConn> = Vec::new();
     let mut probe = !cfg.no_path_probe;
     loop {
         let rtt = *pool.rtt.lock().unwrap();
@@ -158,7 +164,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
         pool.target.store(target, std::sync::atomic::Ordering::Relaxed);
         let have = pool.idle.lock().await.len() + pool.leased.load(std::sync::atomic::Ordering::Relaxed) + fresh.len();
         if have < target {
-            let dials = (have..target).map(|_| dial_tcp(&identity, &site, addr));
+            let dials = (have..target).map(|_| dial(&identity, &site, addr));
             let mut added = 0;
             for r in futures::future::join_all(dials).await {
                 match r {
@@ -167,7 +173,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
                             let mut best = pool.rtt.lock().unwrap();
                             *best = Some(best.map_or(handshake, |b| b.min(handshake)));
                         }
-                        fresh.push((IdleConn::new(Framed::new(stream, FrameCodec), slot), fd));
+                        fresh.push(IdleConn::new(Framed::new(stream, FrameCodec), slot, fd));
                         added += 1;
                     }
                     Err(e) => {
@@ -200,7 +206,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
                 fresh.clear();
                 probe = false;
             }
-            pool.idle.lock().await.extend(fresh.drain(..).map(|(c, _)| c));
+            pool.idle.lock().await.extend(fresh.drain(..));
         }
         let pause = if failures > 0 { Duration::from_secs(2) } else { wire::KEEPALIVE };
         tokio::select! {
@@ -212,7 +218,7 @@ async fn maintain(cfg: Arc<AgentConfig>, identity: Arc<Identity>, site: String, 
 }
 
 /// Has the new connections measure the path (`path_probe`); false if that failed.
-async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut [(IdleConn, std::os::fd::RawFd)]) -> bool {
+async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut [IdleConn]) -> bool {
     let rtt = pool.rtt.lock().unwrap().unwrap_or_default();
     match crate::path_probe::measure(fresh, rtt, cfg.link_rate_bps).await {
         Ok(m) => {
@@ -221,7 +227,7 @@ async fn measured(cfg: &AgentConfig, site: &str, pool: &PeerPool, fresh: &mut [(
                 tracing::info!(to = %site, connections = fresh.len(), rate_mbps = m.rate_bps / 1_000_000, filler_mb = m.filler_bytes as f64 / 1e6, took_ms = m.took.as_millis() as u64, "path measured");
             }
             // Each answered the ping that followed its filler.
-            for (c, _) in fresh.iter_mut() {
+            for c in fresh.iter_mut() {
                 c.heard = std::time::Instant::now();
             }
             true

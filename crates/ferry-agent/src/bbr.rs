@@ -1,0 +1,68 @@
+//! TCP BBR on ferry's connections: choosing it, reading what it measured, and restarting its
+//! state on a connection that idled.
+use std::os::fd::{AsRawFd, RawFd};
+
+/// BBR where the kernel has it (accepted sockets inherit it from the listener). It paces at the
+/// rate it measured rather than filling the bottleneck's queue, and, unlike loss-based
+/// congestion control, keeps that measure across idle time instead of falling back to slow
+/// start, so a warm connection that carried one transfer starts the next at full rate.
+pub fn prefer(socket: &tokio::net::TcpSocket) {
+    const NAME: &[u8] = b"bbr";
+    // SAFETY: the fd is the socket's own; the option value is a byte string of that length.
+    let r = unsafe { libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, NAME.as_ptr().cast(), NAME.len() as libc::socklen_t) };
+    if r != 0 {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| tracing::info!("TCP BBR is not available here ({}): connections use the system's congestion control", std::io::Error::last_os_error()));
+    }
+}
+
+/// What BBR knows about a connection's path (Linux's `struct tcp_bbr_info`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BbrInfo {
+    bw_lo: u32,
+    bw_hi: u32,
+    min_rtt_us: u32,
+    pacing_gain: u32,
+    cwnd_gain: u32,
+}
+
+impl BbrInfo {
+    /// The estimated bottleneck rate, bytes/s.
+    pub fn bw(&self) -> u64 {
+        (u64::from(self.bw_hi) << 32) | u64::from(self.bw_lo)
+    }
+
+    /// Start-up paces at 2.89 × the estimate (739/256); every later phase at 1.25 × or less.
+    pub fn starting_up(&self) -> bool {
+        self.pacing_gain > 2 * 256
+    }
+}
+
+/// `None` when the socket's congestion control is not BBR (it reports nothing then).
+pub fn info(fd: RawFd) -> Option<BbrInfo> {
+    let mut info = BbrInfo::default();
+    let mut len = std::mem::size_of::<BbrInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a plain C struct of `len` bytes; the kernel writes at most `len`.
+    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CC_INFO, (&mut info as *mut BbrInfo).cast(), &mut len) };
+    (r == 0 && len as usize == std::mem::size_of::<BbrInfo>()).then_some(info)
+}
+
+/// Restarts BBR's state on a warm connection about to carry a session. BBR takes its minimum RTT
+/// as stale after 10 s without a lower sample, and an idle connection gets none: its first
+/// burst then sends BBR into PROBE_RTT, four packets in flight for 200 ms and a round trip.
+/// Seen at 200 ms (`ss -ti`: cwnd 4, pacing and cwnd gain 1 on every warm connection at a
+/// migration's start): the first 17 MB of QEMU's stream took 400 ms instead of 100 to cross,
+/// and every connection waited for the slowest. Choosing the congestion control again
+/// re-initialises it (the kernel ignores choosing the one in use, hence the detour through
+/// reno): the minimum RTT is the kernel's own over five minutes, stamped now; the congestion
+/// window stays as it grew and start-up paces from it.
+pub fn restart(fd: RawFd) {
+    if info(fd).is_none() {
+        return;
+    }
+    for name in [&b"reno"[..], b"bbr"] {
+        // SAFETY: the fd is a live TCP socket's; the option value is a byte string of that length.
+        unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) };
+    }
+}
