@@ -4,8 +4,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 /// BBR where the kernel has it (accepted sockets inherit it from the listener). It paces at the
 /// rate it measured rather than filling the bottleneck's queue, and, unlike loss-based
-/// congestion control, keeps that measure across idle time instead of falling back to slow
-/// start, so a warm connection that carried one transfer starts the next at full rate.
+/// congestion control, keeps its congestion window across idle time instead of falling back to
+/// slow start, so a warm connection that carried one transfer (or the path probe's filler)
+/// starts the next at full rate.
 pub fn prefer(socket: &tokio::net::TcpSocket) {
     const NAME: &[u8] = b"bbr";
     // SAFETY: the fd is the socket's own; the option value is a byte string of that length.
@@ -64,5 +65,46 @@ pub fn restart(fd: RawFd) {
     for name in [&b"reno"[..], b"bbr"] {
         // SAFETY: the fd is a live TCP socket's; the option value is a byte string of that length.
         unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_restarted_connection_stays_on_bbr_starts_over_and_keeps_its_window() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        prefer(&socket);
+        let stream = socket.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let fd = stream.as_raw_fd();
+        if info(fd).is_none() {
+            eprintln!("no BBR in this kernel: nothing to restart");
+            return;
+        }
+        // Some traffic, so that the window has grown past its start.
+        let reader = tokio::spawn(async move { tokio::io::copy(&mut peer, &mut tokio::io::sink()).await });
+        let mut stream = stream;
+        let block = vec![7u8; 1 << 20];
+        for _ in 0..32 {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, &block).await.unwrap();
+        }
+        let cwnd = |fd: RawFd| {
+            let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: `ti` is a plain C struct of `len` bytes.
+            assert_eq!(unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut ti as *mut libc::tcp_info).cast(), &mut len) }, 0);
+            ti.tcpi_snd_cwnd
+        };
+        let (before, measured) = (cwnd(fd), info(fd).unwrap().bw());
+        assert!(measured > 0, "BBR measured the loopback's rate");
+        restart(fd);
+        let after = info(fd).expect("still BBR after the restart");
+        assert_eq!(after.bw(), 0, "BBR starts over (its minimum RTT stamped now, its rate unknown): {after:?}");
+        assert!(cwnd(fd) >= before, "the congestion window is kept: {} of {before}", cwnd(fd));
+        drop(stream);
+        reader.await.unwrap().unwrap();
     }
 }
