@@ -1,7 +1,8 @@
 //! Running TCG guests move between lab sites through real agents over mutual TLS: the guest
 //! keeps its memory (its own checker finds no corrupt page) and its address, exactly one copy
-//! runs at the end, a return trip sends mostly references, and a cut link, a destination QEMU
-//! that dies or a killed destination agent leave the source VM running.
+//! runs at the end, a return trip sends mostly references, and a destination that refuses the
+//! VM, a cut link, a destination QEMU that dies or a killed destination agent leave the source
+//! VM running.
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -169,6 +170,23 @@ fn a_cut_link_a_dying_destination_qemu_or_a_killed_agent_leave_the_source_runnin
     let spec = write_spec(&sites.root, "g1", "ferry.mem=160M ferry.dirty=1M ferry.mix=random:90,zero:10");
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(90));
+
+    // b runs a VM of that name already (one without a NIC): it refuses the move. QEMU's stream
+    // started with the request, before the answer came; it is cancelled and the VM runs on.
+    let decoy_dir = sites.root.join("decoy");
+    std::fs::create_dir_all(&decoy_dir).unwrap();
+    let decoy = std::fs::read_to_string(&spec).unwrap();
+    let decoy_spec = decoy_dir.join("g1.toml");
+    std::fs::write(&decoy_spec, &decoy[..decoy.find("[[nics]]").unwrap()]).unwrap();
+    vm_ok(&sites, "b", &["start", decoy_spec.to_str().unwrap()]);
+    let seq = field(&last_heartbeat(&sites, "a").unwrap(), "seq").unwrap();
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refused the VM") && err.contains("keeps running here"), "{}", text(&out));
+    assert_eq!(vms(&sites, "a")[0].2, "running");
+    let hb = wait_heartbeat_after(&sites, "a", seq, Duration::from_secs(10));
+    assert_eq!(field(&hb, "corrupt"), Some(0), "{hb}");
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
 
     let mut child = start_migrate(&sites);
     wait_incoming(&sites, &mut child);

@@ -441,6 +441,7 @@ impl Incoming {
 /// Stream bytes written between acknowledgements while batches are waiting (when none wait,
 /// every write is acknowledged: the source should know at once that it may send more).
 const ACK_EVERY: u64 = 1 << 20;
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 fn write_stream(
     mut sock: UnixStream,
@@ -468,13 +469,23 @@ fn write_stream(
             }
         }
     };
+    // Where the writer's time goes, logged (at debug) every PROGRESS_EVERY.
+    let (mut decoding, mut writing, mut told) = (Duration::ZERO, Duration::ZERO, Instant::now());
     while let Some(b) = batches.blocking_recv() {
+        let t0 = Instant::now();
         out.clear();
         decode(&b, store, &inc.peer, |p| page_id(key, p), &mut fetch, &mut |w| disks.apply(w), &mut out, &mut stats)?;
         if !out.is_empty() {
             disks.sync_if_written()?;
         }
+        let t1 = Instant::now();
         sock.write_all(&out).context("writing the stream to the destination QEMU")?;
+        let t2 = Instant::now();
+        (decoding, writing) = (decoding + (t1 - t0), writing + (t2 - t1));
+        if t2 - told >= PROGRESS_EVERY {
+            tracing::debug!(vm = %inc.vm, written_mb = written as f64 / 1e6, decoding_ms = decoding.as_millis() as u64, writing_ms = writing.as_millis() as u64, batches_waiting = batches.len(), "writing the stream to QEMU");
+            (decoding, writing, told) = (Duration::ZERO, Duration::ZERO, t2);
+        }
         written += out.len() as u64;
         if written - acked >= ACK_EVERY || batches.is_empty() {
             inc.tell_source(Message::StreamAck { migration: inc.id, written });

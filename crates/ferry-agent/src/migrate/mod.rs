@@ -9,6 +9,7 @@ pub mod disk_view;
 pub mod disks;
 pub mod doubt;
 pub mod incoming;
+pub mod readiness;
 pub mod source;
 pub mod switchover;
 pub mod window;
