@@ -157,14 +157,14 @@ mod tests {
         assert!(!blocked.is_finished(), "the window is full");
         w.acked(1 << 20);
         assert!(blocked.join().unwrap());
-        // 400 MB/s taken by the destination over 100 ms of RTT: the window follows.
+        // 400 MB/s taken by the destination over 100 ms of RTT: the window, still starting,
+        // grows by what was taken (16 MiB + 49 MB).
         let start = 1 << 20;
         for i in 1..=6u64 {
             std::thread::sleep(Duration::from_millis(20));
             w.acked(start + i * 8_000_000);
         }
-        let limit = w.limit();
-        assert!(limit > 40_000_000 && limit < 80_000_000, "limit {limit}");
+        assert_eq!(w.limit(), FLOOR + start + 48_000_000);
         w.close();
         assert!(!w.acquire(u64::MAX / 4), "a closed window lets the pump stop");
     }
@@ -183,16 +183,17 @@ mod tests {
         }
         assert!(w.starting(), "the rate doubled every round trip");
         assert_eq!(w.limit(), FLOOR + written);
-        // Two round trips more at 400 MB/s: the start ends, the window is the quarter's margin
-        // over the best rate (400 MB/s × 100 ms × 1.25 + 4 MiB, about 54 MB).
-        for _ in 0..20 {
+        // Round trips more at 400 MB/s: the start ends, the window is the quarter's margin over
+        // the best rate (400 MB/s × 100 ms × 1.25 + 4 MiB, about 54 MB; less where a busy
+        // machine's sleeps run long).
+        for _ in 0..40 {
             std::thread::sleep(Duration::from_millis(10));
             written += 4_000_000;
             w.acked(written);
         }
         assert!(!w.starting(), "the rate stopped growing");
         let limit = w.limit();
-        assert!(limit > 40_000_000 && limit < 70_000_000, "limit {limit}");
+        assert!(limit > 30_000_000 && limit < 70_000_000, "limit {limit}");
     }
 
     #[test]
