@@ -42,10 +42,10 @@ pub struct LiveArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     disk_span: u64,
     /// With --disk: no return trip after ferry's move.
-    #[arg(long)]
+    #[arg(long, requires = "disk")]
     no_return: bool,
     /// With --disk: ferry's moves run the RAM migration beside the disks' bulk pass.
-    #[arg(long)]
+    #[arg(long, requires = "disk")]
     overlap_disks: bool,
     /// Runs of every method at each RTT (the median is reported).
     #[arg(long, default_value_t = 1)]
