@@ -70,6 +70,7 @@ impl Staging {
             self.unflushed.store(0, std::sync::atomic::Ordering::Relaxed);
             // Starts the write-out and returns (the commit's sync still waits for all of it);
             // pages already written out go (dirty ones stay).
+            // SAFETY: plain syscalls on this file's own descriptor; nothing is borrowed.
             unsafe {
                 libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
                 libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);

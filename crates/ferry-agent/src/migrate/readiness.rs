@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub struct Readiness {
+    vm: String,
     connections: usize,
     ready: AtomicUsize,
     refused: AtomicBool,
@@ -19,25 +20,25 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn new(connections: usize) -> Readiness {
-        Readiness { connections, ready: AtomicUsize::new(0), refused: AtomicBool::new(false), held: OnceLock::new(), since: Instant::now() }
+    pub fn new(vm: &str, connections: usize) -> Readiness {
+        Readiness { vm: vm.to_string(), connections, ready: AtomicUsize::new(0), refused: AtomicBool::new(false), held: OnceLock::new(), since: Instant::now() }
     }
 
     /// The destination was ready before the stream started (a move with disks waits for it).
-    pub fn already(connections: usize, held: HashSet<u64>) -> Readiness {
-        let r = Readiness::new(connections);
+    pub fn already(vm: &str, connections: usize, held: HashSet<u64>) -> Readiness {
+        let r = Readiness::new(vm, connections);
         r.ready.store(connections, Relaxed);
         let _ = r.held.set(held);
         r
     }
 
     /// One connection's answer: accepted, with the prefixes of the pages held (8 bytes each).
-    pub fn accepted(&self, vm: &str, held: &[u8]) {
+    pub fn accepted(&self, held: &[u8]) {
         if !held.is_empty() {
             let _ = self.held.set(held.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap())).collect());
         }
         if self.ready.fetch_add(1, Relaxed) + 1 == self.connections {
-            tracing::info!(vm, after_ms = self.since.elapsed().as_millis() as u64, held = self.held.get().map_or(0, |h| h.len()), "the destination's QEMU waits for the stream");
+            tracing::info!(vm = %self.vm, after_ms = self.since.elapsed().as_millis() as u64, held = self.held.get().map_or(0, |h| h.len()), "the destination's QEMU waits for the stream");
         }
     }
 
@@ -65,14 +66,14 @@ mod tests {
 
     #[test]
     fn held_pages_count_once_listed_and_readiness_once_every_connection_answered() {
-        let r = Readiness::new(2);
+        let r = Readiness::new("vm", 2);
         assert!(!r.holds(7) && !r.all());
-        r.accepted("vm", &7u64.to_be_bytes());
+        r.accepted(&7u64.to_be_bytes());
         assert!(r.holds(7) && !r.holds(8) && !r.all());
-        r.accepted("vm", &[]);
+        r.accepted(&[]);
         assert!(r.all() && r.holds(7), "an empty list leaves the first one");
         assert!(!r.was_refused());
-        let early = Readiness::already(3, [9].into());
+        let early = Readiness::already("vm", 3, [9].into());
         assert!(early.all() && early.holds(9));
     }
 }

@@ -311,15 +311,14 @@ enum FromDest {
     Outcome { running: bool, message: String },
 }
 
-#[allow(clippy::too_many_arguments)] // the connection, and where each kind of message goes
-async fn read_loop(mut stream: Source, vm: String, ready: Arc<Readiness>, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>, window: Arc<StreamWindow>, answers: mpsc::Sender<Message>, store: Arc<Mutex<PageStore>>) -> Result<()> {
+async fn read_loop(mut stream: Source, ready: Arc<Readiness>, back: std::sync::mpsc::Sender<Bytes>, events: mpsc::Sender<FromDest>, window: Arc<StreamWindow>, answers: mpsc::Sender<Message>, store: Arc<Mutex<PageStore>>) -> Result<()> {
     loop {
         match wire::next(&mut stream).await? {
             Message::MigrateReady { accepted: false, reason, .. } => {
                 ready.refused();
                 bail!("the destination refused the VM: {reason}");
             }
-            Message::MigrateReady { held, .. } => ready.accepted(&vm, &held),
+            Message::MigrateReady { held, .. } => ready.accepted(&held),
             Message::PageWant { migration, id } => {
                 let store = store.clone();
                 let data = tokio::task::spawn_blocking(move || {
@@ -455,9 +454,9 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         attempt += 1;
         let migration: MigrationId = session::rand_bytes();
         let opened = if early {
-            ask(ctx, &req, migration, &spec_json, &counter).await.map(|(conns, rtt, lease)| (Arc::new(Readiness::new(conns.len())), conns, rtt, lease))
+            ask(ctx, &req, migration, &spec_json, &counter).await.map(|(conns, rtt, lease)| (Arc::new(Readiness::new(&req.vm, conns.len())), conns, rtt, lease))
         } else {
-            prepare(ctx, &req, migration, &spec_json, &counter).await.map(|(conns, rtt, held, lease)| (Arc::new(Readiness::already(conns.len(), held)), conns, rtt, lease))
+            prepare(ctx, &req, migration, &spec_json, &counter).await.map(|(conns, rtt, held, lease)| (Arc::new(Readiness::already(&req.vm, conns.len(), held)), conns, rtt, lease))
         };
         let (ready, conns, rtt, _lease) = match opened {
             Ok(o) => o,
@@ -496,9 +495,9 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
             }
             Err(e) => {
                 let _ = qemu.shutdown(std::net::Shutdown::Both);
-                let state = recover_source(ctx, &req, migration).await;
+                let recovered = recover_source(ctx, &req, migration).await;
                 doubt::clear(&ctx.vms.dir(&req.vm));
-                if !ready.all() && !ready.was_refused() && state == KEEPS_RUNNING && attempt < SETUP_ATTEMPTS {
+                if !ready.all() && !ready.was_refused() && recovered.runs_here && attempt < SETUP_ATTEMPTS {
                     tracing::warn!(to = %req.to, "the destination did not get ready, trying again: {e:#}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
@@ -506,7 +505,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
                 if let Some(mv) = &disks {
                     mv.end_with(ctx).await;
                 }
-                return Err(e.context(format!("migration of {} to {} failed; {state}", req.vm, req.to)));
+                return Err(e.context(format!("migration of {} to {} failed; {}", req.vm, req.to, recovered.state)));
             }
         }
     }
@@ -646,7 +645,7 @@ async fn relay(
     for c in conns {
         let (sink, stream) = c.split();
         tasks.spawn(write_loop(sink, queue.clone()));
-        tasks.spawn(read_loop(stream, req.vm.clone(), ready.clone(), back_tx.clone(), dest_tx.clone(), window.clone(), send_tx.clone(), ctx.store.clone()));
+        tasks.spawn(read_loop(stream, ready.clone(), back_tx.clone(), dest_tx.clone(), window.clone(), send_tx.clone(), ctx.store.clone()));
     }
     drop(back_tx);
     tasks.spawn(compress_in_order(migration, raw_rx, send_tx, st.clone()));
@@ -852,11 +851,17 @@ impl SwitchoverGate {
     }
 }
 
-/// After a failure: QEMU abandons the migration and, if it had stopped the VM, starts it again.
-/// Says what state the source VM is left in.
-const KEEPS_RUNNING: &str = "the VM keeps running here";
+/// What a failed move left at the source.
+struct Recovered {
+    /// QEMU runs the VM here again: the move may be tried afresh.
+    runs_here: bool,
+    /// The source VM's state, for the operator.
+    state: String,
+}
 
-async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId) -> String {
+/// After a failure: QEMU abandons the migration and, if it had stopped the VM, starts it again.
+async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId) -> Recovered {
+    let left = |state: String| Recovered { runs_here: false, state };
     let vm = req.vm.as_str();
     if let Ok(mut q) = ctx.vms.qmp(vm).await {
         let _ = q.execute("migrate_cancel", json!({})).await;
@@ -872,13 +877,13 @@ async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration
                 if let Ok(mut q) = ctx.vms.qmp(vm).await {
                     let _ = q.execute("closefd", json!({ "fdname": doubt::HOLD_FD })).await;
                 }
-                return KEEPS_RUNNING.into();
+                return Recovered { runs_here: true, state: "the VM keeps running here".into() };
             }
             // QEMU completed: the destination loaded the VM and may run it. Only its word
             // decides which copy runs.
-            Ok(s) if s == "postmigrate" => return doubt::settle(ctx, vm, &req.to, migration).await,
-            Ok(s) if Instant::now() > deadline => return format!("the source VM is {s}"),
-            Err(e) => return format!("the source QEMU does not answer: {e:#}"),
+            Ok(s) if s == "postmigrate" => return left(doubt::settle(ctx, vm, &req.to, migration).await),
+            Ok(s) if Instant::now() > deadline => return left(format!("the source VM is {s}")),
+            Err(e) => return left(format!("the source QEMU does not answer: {e:#}")),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
