@@ -212,6 +212,8 @@ enum State {
     },
     Command,
     PostcopyAdvise,
+    /// PACKAGED's be32 length of the nested stream that follows (post-copy's device state).
+    PackagedLen,
     StartHeader,
     StartIdstr {
         section_id: u32,
@@ -293,6 +295,7 @@ impl State {
             State::CapabilityName { len, .. } => len as usize,
             State::Command => 4,
             State::PostcopyAdvise => 16,
+            State::PackagedLen => 4,
             State::StartHeader => 5,
             State::StartIdstr { len, .. } => len as usize + 8,
             State::PartEndHeader { .. } => 4,
@@ -459,10 +462,10 @@ impl Parser {
                     ));
                 }
                 match cmd {
-                    command::PACKAGED | command::POSTCOPY_LISTEN | command::POSTCOPY_RUN => {
+                    command::PACKAGED if len == 4 => State::PackagedLen,
+                    command::PACKAGED => {
                         return Err(format!(
-                            "COMMAND {} at stream offset {}: post-copy is not handled",
-                            command::name(cmd),
+                            "COMMAND PACKAGED with a {len}-byte payload at stream offset {} (QEMU sends a be32 length)",
                             at - 1
                         ))
                     }
@@ -479,6 +482,10 @@ impl Parser {
                 }
                 State::SectionType(After::Other)
             }
+            // Post-copy's switch: LISTEN, the devices' state and RUN, nested as a stream of
+            // their own. Carried as is; RAM pages keep coming after it, while the VM runs at
+            // the destination.
+            State::PackagedLen => skip(u64::from(be32(field)), Resume::SectionType(After::Other)),
             State::StartHeader => State::StartIdstr {
                 section_id: be32(&field[..4]),
                 len: field[4],

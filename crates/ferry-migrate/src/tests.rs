@@ -492,21 +492,73 @@ fn a_non_ram_iterative_section_falls_back() {
     assert_opaque(&stream, 0, &["\"dirty-bitmap\"", "id 5", "no length"]);
 }
 
+/// Post-copy as QEMU 10 writes it: pre-copy pages, then at the switch the discards, PACKAGED
+/// (LISTEN, the devices' FULL sections, RUN), the pages the destination faults on or that were
+/// left, the RAM END and EOF with no description.
+fn postcopy_stream(package: &[u8]) -> Vec<u8> {
+    let advise = [0u8, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x10, 0];
+    let mut discard = vec![0u8, 6];
+    discard.extend_from_slice(b"pc.ram");
+    discard.extend_from_slice(&4096u64.to_be_bytes());
+    discard.extend_from_slice(&4096u64.to_be_bytes());
+    Stream::new()
+        .configuration("pc-q35-10.0")
+        .command(command::POSTCOPY_ADVISE, &advise)
+        .start(2, "ram", 4)
+        .mem_size(&[("pc.ram", 4 * 4096)])
+        .page(Some("pc.ram"), 0, 1)
+        .eos()
+        .part(2)
+        .page(Some("pc.ram"), 4096, 2)
+        .eos()
+        .command(command::POSTCOPY_RAM_DISCARD, &discard)
+        .command(command::PING, &1u32.to_be_bytes())
+        .command(command::PACKAGED, &(package.len() as u32).to_be_bytes())
+        .raw(package)
+        .command(command::PING, &2u32.to_be_bytes())
+        .part(2)
+        .page(Some("pc.ram"), 3 * 4096, 3)
+        .page(None, 4096, 4)
+        .eos()
+        .end(2)
+        .zero(Some("pc.ram"), 2 * 4096)
+        .eos()
+        .u8(section::EOF)
+        .bytes
+}
+
 #[test]
-fn a_packaged_command_falls_back() {
+fn a_postcopy_stream_is_followed_through_its_package_to_the_pages_after_it() {
+    // The nested stream's device state has no lengths and may hold anything, RAM-record
+    // look-alikes included: only PACKAGED's length says where it ends.
+    let mut package = Stream::new()
+        .command(command::POSTCOPY_LISTEN, &[])
+        .full(3, "cpu", &[0xff; 300])
+        .command(command::POSTCOPY_RUN, &[])
+        .bytes;
+    package.drain(..8); // a nested stream has no file header
+    package.extend_from_slice(&page_of(0, 9));
+    let stream = postcopy_stream(&package);
+    let split = split_all_ways(&stream);
+    assert_eq!(split.stats.opaque_reason, None);
+    let offsets: Vec<(u64, u8)> = split.pages.iter().map(|(_, o, d)| (*o, d[8])).collect();
+    assert_eq!(offsets, [(0, 1), (4096, 2), (3 * 4096, 3), (4096, 4)], "pages before and after the switch, none from the package");
+    assert!(split.events.contains(&StreamEvent::RamEnd));
+    assert!(split.events.contains(&StreamEvent::Eof), "EOF without a description still ends the stream");
+    assert!(!split.events.contains(&StreamEvent::DeviceState), "the package's device state is carried, not entered");
+}
+
+#[test]
+fn a_packaged_command_without_its_length_falls_back() {
     let stream = Stream::new()
-        .command(
-            command::POSTCOPY_ADVISE,
-            &[0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x10, 0],
-        )
         .start(2, "ram", 4)
         .mem_size(&[("pc.ram", 4096)])
         .page(Some("pc.ram"), 0, 1)
         .eos()
-        .command(command::PACKAGED, &100u32.to_be_bytes())
+        .command(command::PACKAGED, &[0, 0, 0, 100, 0])
         .raw(&[0x55; 100])
         .bytes;
-    assert_opaque(&stream, 1, &["PACKAGED", "post-copy"]);
+    assert_opaque(&stream, 1, &["PACKAGED", "5-byte payload"]);
 }
 
 #[test]
