@@ -65,6 +65,13 @@ enum VmCommand {
         /// RTT, but a longer pause for clients at short RTT (measured in the README).
         #[arg(long)]
         overlap_disks: bool,
+        /// Switch to post-copy once the first pass is done if the guest dirties memory about as
+        /// fast as the path carries it (or pre-copy has not converged in 20 s): the VM then runs
+        /// at the destination and fetches what it lacks from here. Until the last page arrives
+        /// the VM's state is split between the sites: a cut link pauses it at both, and ferry
+        /// keeps both copies but cannot resume the move yet. Diskless VMs only.
+        #[arg(long, conflicts_with = "cold")]
+        postcopy: bool,
         /// Move it stopped: shut the guest down, send its disks, boot it at the destination.
         #[arg(long)]
         cold: bool,
@@ -106,8 +113,8 @@ pub fn run(a: VmArgs) -> Result<()> {
             }
             other => unexpected(other),
         },
-        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks, overlap_disks } => {
-            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks, overlap_disks });
+        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks, overlap_disks, postcopy } => {
+            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks, overlap_disks, postcopy });
             let mut on = |ev: &Event| {
                 if json {
                     return;

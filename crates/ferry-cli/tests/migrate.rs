@@ -206,6 +206,28 @@ fn a_cut_link_a_dying_destination_qemu_or_a_killed_agent_leave_the_source_runnin
     vm_ok(&sites, "a", &["stop", "g1", "--force"]);
 }
 
+#[test]
+fn a_guest_that_outruns_the_link_moves_by_post_copy() {
+    let _serial = serial();
+    let sites = Sites::on(Lab::up("tmigp", &["--no-client", "--rtt", "40ms", "--rate", "200mbit"]));
+    // Random pages rewritten faster than a 200 Mbit/s link carries them: pre-copy's passes
+    // would not shrink.
+    let spec = write_spec(&sites.root, "g1", "ferry.mem=64M ferry.dirty=32M ferry.mix=random:90,zero:10");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    let before = wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(60));
+    let out = vm_ok(&sites, "a", &["migrate", "g1", "--to", "b", "--json", "--postcopy"]);
+    let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("a→b: {moved}");
+    let log = sites.agent_log("a");
+    assert!(moved["postcopy_after_s"].as_f64().is_some(), "the move never switched to post-copy: {moved}\n{}", tail(&log));
+    assert!(moved["opaque"].is_null(), "the post-copy stream was understood: {moved}");
+    assert!(vms(&sites, "a").is_empty(), "the source copy is gone");
+    assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
+    let after = wait_heartbeat_after(&sites, "b", field(&before, "seq").unwrap(), Duration::from_secs(30));
+    assert_eq!(field(&after, "corrupt"), Some(0), "the guest's memory check after a post-copy move: {after}");
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
+}
+
 /// Heartbeat lines in the serial log a site's VM directory holds (readable with its agent dead).
 fn serial_seq(sites: &Sites, site: &str) -> u64 {
     let log = std::fs::read_to_string(sites.data(site).join(".ferry/vms/g1/serial.log")).unwrap_or_default();

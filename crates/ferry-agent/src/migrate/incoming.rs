@@ -287,7 +287,7 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
 /// stream and read the return path. Returns the page-ID prefixes this site holds.
 async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) -> Result<Bytes> {
-    let super::Arrival { mut spec, cold, staged } = serde_json::from_slice(spec).context("the VM's spec")?;
+    let super::Arrival { mut spec, cold, staged, postcopy } = serde_json::from_slice(spec).context("the VM's spec")?;
     // Its disks are under this site's data dir: complete, or (`staged`) in the staging files
     // their bulk pass is filling, which become those paths when it commits. QEMU reads its
     // disks only once it runs, after the pass and every record that follows it.
@@ -352,7 +352,9 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         let mut qmp = shared.vms.qmp(&spec.name).await?;
         // A bulk pass still under way: the source holds back this QEMU's go-ahead to switch
         // over until it is committed (both QEMUs must have the capability).
-        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "switchover-ack", "state": !staged.is_empty()}]})).await?;
+        // Post-copy must be allowed here before the stream starts; its blocktime (how long
+        // vCPUs waited for pages they faulted on) is the figure that says what it cost the guest.
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "switchover-ack", "state": !staged.is_empty()}, {"capability": "postcopy-ram", "state": postcopy}, {"capability": "postcopy-blocktime", "state": postcopy}]})).await?;
         let path = shared.vms.dir(&spec.name).join("migrate-in.sock");
         let _ = std::fs::remove_file(&path);
         qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", path.display())})).await?;

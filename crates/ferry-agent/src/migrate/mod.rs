@@ -9,6 +9,7 @@ pub mod disk_view;
 pub mod disks;
 pub mod doubt;
 pub mod incoming;
+pub mod postcopy;
 pub mod readiness;
 pub mod source;
 pub mod switchover;
@@ -41,6 +42,9 @@ pub struct MigrateRequest {
     /// The RAM migration runs beside the disks' bulk pass, not after it.
     #[serde(default)]
     pub overlap_disks: bool,
+    /// Switch to post-copy when pre-copy does not converge (see `postcopy.rs`).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// What MIGRATE_OPEN carries: the VM's spec, and whether the destination boots it (a cold
@@ -54,6 +58,9 @@ pub struct Arrival {
     /// still fills it (empty: the disks are complete at their place).
     #[serde(default)]
     pub staged: Vec<[u8; 16]>,
+    /// The source may switch to post-copy: the destination's QEMU must be ready for it.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -86,4 +93,13 @@ pub struct MigrateSummary {
     pub disks: Option<disks::DiskSummary>,
     #[serde(default)]
     pub cold: bool,
+    /// Seconds into the move when it switched to post-copy, if it did.
+    #[serde(default)]
+    pub postcopy_after_s: Option<f64>,
+    /// Pages the destination's QEMU asked for after the switch (each a fault that waited at
+    /// least a round trip), and the bytes the source QEMU sent after it.
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    #[serde(default)]
+    pub postcopy_bytes: u64,
 }

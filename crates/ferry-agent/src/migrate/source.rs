@@ -66,6 +66,8 @@ struct PumpState {
     /// The RAM section's END went by: the source VM has stopped.
     ram_end: AtomicBool,
     opaque: Mutex<Option<String>>,
+    /// Seconds into the move when the source switched to post-copy.
+    postcopy_at: Mutex<Option<f64>>,
     /// Every page the destination holds by the end of the stream (left by the pump at EOF).
     sent: Mutex<Option<HashSet<PageId>>>,
 }
@@ -408,6 +410,9 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     }
     let started = Instant::now();
     let spec = ctx.vms.spec(&req.vm)?;
+    if req.postcopy && !spec.disks.is_empty() {
+        bail!("--postcopy moves diskless VMs only: {} has local disks, whose last writes must be at the destination before the VM runs there (it keeps running here)", req.vm);
+    }
     let counter = Arc::new(WireCounter::default());
     // Disks first: their bulk pass goes through the transfer engine while the VM runs on. Then
     // the RAM migrates; or (`overlap_disks`) the destination's QEMU opens the files the pass
@@ -442,7 +447,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         }
         disks = Some(mv);
     }
-    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false, staged })?);
+    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false, staged, postcopy: req.postcopy })?);
     // Without disks QEMU streams as soon as the destination is asked (see `Readiness`); with
     // disks the destination must have taken them over first.
     let early = disks.is_none();
@@ -537,7 +542,7 @@ async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, mig
     // With disks, QEMU waits before the switchover for the last dirty blocks to be on their way.
     // While the disks' bulk pass runs (`hold`), QEMU needs the destination's go-ahead to switch
     // over, which the agent holds back (see `SwitchoverGate`); `downtime-limit` 0 besides.
-    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}, {"capability": "switchover-ack", "state": hold}]})).await?;
+    qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}, {"capability": "switchover-ack", "state": hold}, {"capability": "postcopy-ram", "state": req.postcopy}]})).await?;
     let downtime_limit = if hold { 0 } else { downtime_limit_ms(req.downtime_ms, rtt) };
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
     // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
@@ -562,6 +567,7 @@ async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duratio
     let dir = ctx.vms.dir(&req.vm);
     let mut qemu_downtime_ms = None;
     let mut qemu_total_ms = None;
+    let (mut postcopy_requests, mut postcopy_bytes) = (0, 0);
     for _ in 0..100 {
         let m = match ctx.vms.qmp(&req.vm).await {
             Ok(mut q) => q.migration().await.unwrap_or_default(),
@@ -570,6 +576,8 @@ async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duratio
         if m["status"] == "completed" {
             qemu_downtime_ms = m["downtime"].as_f64();
             qemu_total_ms = m["total-time"].as_f64();
+            postcopy_requests = m["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+            postcopy_bytes = m["ram"]["postcopy-bytes"].as_u64().unwrap_or(0);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -614,6 +622,9 @@ async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duratio
         encrypted: !ctx.cfg.insecure_plaintext,
         disks: disks.map(|d| d.summary),
         cold: false,
+        postcopy_after_s: *st.postcopy_at.lock().unwrap(),
+        postcopy_requests,
+        postcopy_bytes,
     })
 }
 
@@ -713,10 +724,19 @@ async fn relay(
     let mut last_view = (0.0, 0.0, 0);
     let mut limit = limit;
     let mut raised_at = Instant::now();
+    // Post-copy: when the source switched, and whether the VM runs at the destination since.
+    let mut switched = false;
+    let mut dest_runs = false;
     let relay_loop = async { loop {
         tokio::select! {
             ev = dest_rx.recv() => match ev {
-                Some(FromDest::Outcome { running: true, .. }) => break Ok(()),
+                Some(FromDest::Outcome { running: true, .. }) if !switched => break Ok(()),
+                // Post-copy: the VM runs there, and still fetches from here what it lacks. The
+                // move is over once the source QEMU has sent it all (see the tick).
+                Some(FromDest::Outcome { running: true, .. }) => {
+                    dest_runs = true;
+                    tracing::info!(vm = %req.vm, to = %req.to, at_ms = started.elapsed().as_millis() as u64, "the VM runs at the destination; post-copy sends the rest");
+                }
                 Some(FromDest::Outcome { running: false, message }) => break Err(anyhow::anyhow!("the destination could not run the VM: {message}")),
                 None => break Err(anyhow::anyhow!("every connection to {} closed", req.to)),
             },
@@ -762,11 +782,28 @@ async fn relay(
                         }
                     }
                 }
+                if dest_runs && status == "completed" {
+                    break Ok(());
+                }
+                if super::postcopy::split_between_sites(&status) && status != "postcopy-active" {
+                    break Err(anyhow::anyhow!("post-copy stalled (the source QEMU is {status})"));
+                }
+                if req.postcopy && !switched && status == "active" {
+                    let progress = super::postcopy::Progress::from_query(&m);
+                    let rate = super::switchover::rate(path_bps, st.encoded_bytes.load(Relaxed), st.compressed_bytes.load(Relaxed));
+                    let converging_for = converging.lock().unwrap().map_or(Duration::ZERO, |t| t.elapsed());
+                    if super::postcopy::due(progress, rate, converging_for) {
+                        ctx.vms.qmp(&req.vm).await?.execute("migrate-start-postcopy", json!({})).await?;
+                        switched = true;
+                        *st.postcopy_at.lock().unwrap() = Some(started.elapsed().as_secs_f64());
+                        tracing::info!(vm = %req.vm, at_ms = started.elapsed().as_millis() as u64, passes = progress.passes, dirty_mbps = progress.dirty_bytes_per_s * 8e-6, path_mbps = rate as f64 * 8e-6, remaining_mb = m["ram"]["remaining"].as_u64().unwrap_or(0) as f64 / 1e6, "pre-copy does not converge: switching to post-copy");
+                    }
+                }
                 if matches!(status.as_str(), "failed" | "cancelled") {
                     break Err(anyhow::anyhow!("the source QEMU's migration {status}: {}", m["error-desc"].as_str().unwrap_or("no reason given")));
                 }
                 let since = *converging.lock().unwrap();
-                if status == "active" && since.is_some_and(|t| t.elapsed() > CONVERGE_AFTER) && raised_at.elapsed() > CONVERGE_AFTER / 4 && limit < MAX_DOWNTIME_LIMIT_MS {
+                if status == "active" && !req.postcopy && since.is_some_and(|t| t.elapsed() > CONVERGE_AFTER) && raised_at.elapsed() > CONVERGE_AFTER / 4 && limit < MAX_DOWNTIME_LIMIT_MS {
                     limit = (limit * 2).min(MAX_DOWNTIME_LIMIT_MS);
                     raised_at = Instant::now();
                     tracing::warn!(vm = %req.vm, limit_ms = limit, "the migration is not converging: allowing a longer pause");
@@ -863,6 +900,9 @@ struct Recovered {
 async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId) -> Recovered {
     let left = |state: String| Recovered { runs_here: false, state };
     let vm = req.vm.as_str();
+    if let Some(status) = split_status(ctx, vm).await {
+        return left(format!("post-copy was under way (the source QEMU is {status}): the VM runs at {} but lacks pages only this site's QEMU holds, so both QEMUs are kept as they are; ferry cannot resume a post-copy move yet", req.to));
+    }
     if let Ok(mut q) = ctx.vms.qmp(vm).await {
         let _ = q.execute("migrate_cancel", json!({})).await;
     }
@@ -887,6 +927,13 @@ async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// The source QEMU's migration status if post-copy is under way (the VM's state is split).
+pub(super) async fn split_status(ctx: &SourceContext<'_>, vm: &str) -> Option<String> {
+    let m = ctx.vms.qmp(vm).await.ok()?.migration().await.ok()?;
+    let status = m["status"].as_str()?;
+    super::postcopy::split_between_sites(status).then(|| status.to_string())
 }
 
 #[allow(dead_code)]
