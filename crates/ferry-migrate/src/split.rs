@@ -102,6 +102,20 @@ impl Splitter {
         parser.consumed += input.len() as u64;
     }
 
+    /// Post-copy recovery: QEMU goes on in a new stream, with no file header, at a section
+    /// boundary, after a cut that lost whatever it had not written yet. The RAM section and its
+    /// blocks stay as they were; what was half read here is dropped (the destination's QEMU
+    /// tells the source which pages it lacks, and those come again). A stream that went opaque
+    /// stays opaque.
+    pub fn resume(&mut self) {
+        let parser = &mut self.parser;
+        self.scratch.len = 0;
+        parser.page_fill = 0;
+        if parser.state != State::Opaque {
+            parser.state = State::SectionType(After::Other);
+        }
+    }
+
     /// End of stream: hands out whatever is still held (the start of a page) as literal, so a
     /// truncated stream stays byte-exact. When the stream went on into device state, this is
     /// where its end is recognised (see [`StreamEvent::Eof`]).

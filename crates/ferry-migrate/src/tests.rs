@@ -549,6 +549,50 @@ fn a_postcopy_stream_is_followed_through_its_package_to_the_pages_after_it() {
 }
 
 #[test]
+fn a_postcopy_stream_cut_mid_page_goes_on_in_the_recovered_stream() {
+    let before = postcopy_stream(&[]);
+    // Cut inside the first page after the package: its record header and half its bytes went.
+    let page = page_of(3 * 4096, 3);
+    let cut = before.windows(PAGE_SIZE).position(|w| w == page.as_slice()).unwrap() + 2048;
+    let mut recv_bitmap = vec![6u8];
+    recv_bitmap.extend_from_slice(b"pc.ram");
+    let mut after = Stream::new()
+        .command(command::RECV_BITMAP, &recv_bitmap)
+        .command(command::POSTCOPY_RESUME, &[])
+        .part(2)
+        .page(Some("pc.ram"), 3 * 4096, 5)
+        .page(None, 2 * 4096, 6)
+        .eos()
+        .end(2)
+        .eos()
+        .u8(section::EOF)
+        .bytes;
+    after.drain(..8); // a recovered stream has no file header
+    let mut splitter = Splitter::new();
+    let mut pages = Vec::new();
+    let mut rebuilt = Vec::new();
+    let mut collect = |piece: Piece<'_>| {
+        if let Piece::Page { offset, data, .. } = &piece {
+            pages.push((*offset, data[8]));
+        }
+        rebuilt.extend_from_slice(piece.bytes());
+    };
+    splitter.feed(&before[..cut], &mut collect);
+    splitter.resume();
+    for chunk in after.chunks(7) {
+        splitter.feed(chunk, &mut collect);
+    }
+    splitter.finish(&mut collect);
+    assert_eq!(splitter.stats().opaque_reason, None);
+    assert_eq!(pages, [(0, 1), (4096, 2), (3 * 4096, 5), (2 * 4096, 6)]);
+    // What was read before the cut is handed out, the half page as literal bytes, all of it
+    // before the recovered stream.
+    let mut expected = before[..cut].to_vec();
+    expected.extend_from_slice(&after);
+    assert_eq!(rebuilt.len(), expected.len() - 2048, "the half page read before the cut is dropped");
+}
+
+#[test]
 fn a_packaged_command_without_its_length_falls_back() {
     let stream = Stream::new()
         .start(2, "ram", 4)
