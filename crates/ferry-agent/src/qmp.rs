@@ -45,6 +45,46 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Connects and turns on out-of-band execution (see `execute_oob`). Must be done while
+    /// QEMU's main loop runs: leaving negotiation mode is an ordinary command.
+    pub async fn connect_oob(socket: &Path, within: Duration) -> Result<Qmp> {
+        let deadline = Instant::now() + within;
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("QEMU's QMP socket {} does not answer", socket.display())),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut qmp = Qmp { lines: BufReader::new(read).lines(), write, events: Vec::new(), broken: false, next_id: 0 };
+        let greeting = qmp.read().await?;
+        let offers_oob = greeting["QMP"]["capabilities"].as_array().is_some_and(|c| c.iter().any(|c| c == "oob"));
+        if !offers_oob {
+            bail!("the monitor on {} offers no out-of-band execution (it said {greeting})", socket.display());
+        }
+        qmp.execute("qmp_capabilities", json!({"enable": ["oob"]})).await?;
+        Ok(qmp)
+    }
+
+    /// Runs a command out of band: in QEMU's monitor thread, even while its main loop is
+    /// blocked (a post-copy destination's main loop can wait for a page that a cut link holds).
+    /// Only commands QEMU allows out of band (`migrate-pause`, `migrate-recover`).
+    pub async fn execute_oob(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        let id = self.take_id();
+        let mut req = json!({ "exec-oob": command, "id": id });
+        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+            req["arguments"] = arguments;
+        }
+        let mut line = serde_json::to_string(&req)?;
+        line.push('\n');
+        if let Err(e) = self.write.write_all(line.as_bytes()).await {
+            self.broken = true;
+            return Err(e).with_context(|| format!("sending {command} to QMP"));
+        }
+        self.answer(command, id).await
+    }
+
     async fn read(&mut self) -> Result<Value> {
         let line = match self.lines.next_line().await {
             Ok(Some(l)) => l,
@@ -178,9 +218,15 @@ mod tests {
 
     impl Monitor {
         fn start() -> Monitor {
-            let socket = std::env::temp_dir().join(format!("ferry-qmp-test-{}.sock", std::process::id()));
+            Monitor::start_with("", &[])
+        }
+
+        /// With `extra` arguments; sockets are named by `tag` (tests run in parallel).
+        fn start_with(tag: &str, extra: &[String]) -> Monitor {
+            let socket = std::env::temp_dir().join(format!("ferry-qmp-test-{}{tag}.sock", std::process::id()));
             let _ = std::fs::remove_file(&socket);
             let child = std::process::Command::new(std::env::var("FERRY_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()))
+                .args(extra)
                 .args(["-name", "qmp-test", "-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-qmp"])
                 .arg(format!("unix:{},server=on,wait=off", socket.display()))
                 .stdin(std::process::Stdio::null())
@@ -197,6 +243,23 @@ mod tests {
             let _ = self.child.wait();
             let _ = std::fs::remove_file(&self.socket);
         }
+    }
+
+    #[tokio::test]
+    async fn a_second_monitor_runs_commands_out_of_band() {
+        let oob = std::env::temp_dir().join(format!("ferry-qmp-test-{}-oob.sock", std::process::id()));
+        let _ = std::fs::remove_file(&oob);
+        let extra = ["-chardev".to_string(), format!("socket,id=oob,path={},server=on,wait=off", oob.display()), "-mon".into(), "chardev=oob,mode=control".into()];
+        let monitor = Monitor::start_with("-main", &extra);
+        let _main = Qmp::connect(&monitor.socket, Duration::from_secs(20)).await.unwrap();
+        let mut qmp = Qmp::connect_oob(&oob, Duration::from_secs(20)).await.unwrap();
+        // QEMU answers out of band (no migration to pause: its refusal is the answer).
+        let refused = qmp.execute_oob("migrate-pause", json!({})).await.unwrap_err();
+        assert!(format!("{refused:#}").contains("QEMU refused migrate-pause"), "{refused:#}");
+        // An ordinary command is not allowed out of band.
+        assert!(qmp.execute_oob("query-status", json!({})).await.is_err());
+        assert_eq!(qmp.status().await.unwrap(), "prelaunch", "ordinary commands still work beside");
+        let _ = std::fs::remove_file(&oob);
     }
 
     #[tokio::test]

@@ -164,10 +164,16 @@ pub fn qemu_argv(spec: &VmSpec, dir: &Path, incoming: bool) -> Vec<String> {
     a.extend(["-serial".into(), format!("file:{}", dir.join("serial.log").display())]);
     a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display())]);
     if incoming {
+        // A second monitor for post-copy's recovery alone (see `incoming::resume_incoming`).
+        a.extend(["-chardev".into(), format!("socket,id=ferry-oob,path={},server=on,wait=off", dir.join(OOB_MONITOR).display())]);
+        a.extend(["-mon".into(), "chardev=ferry-oob,mode=control".into()]);
         a.extend(["-incoming".into(), "defer".into()]);
     }
     a
 }
+
+/// The socket of an incoming QEMU's out-of-band monitor.
+pub const OOB_MONITOR: &str = "qmp-oob.sock";
 
 fn ferry_qemu() -> String {
     std::env::var("FERRY_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())

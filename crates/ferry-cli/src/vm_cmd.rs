@@ -68,8 +68,9 @@ enum VmCommand {
         /// Switch to post-copy once the first pass is done if the guest dirties memory about as
         /// fast as the path carries it (or pre-copy has not converged in 20 s): the VM then runs
         /// at the destination and fetches what it lacks from here. Until the last page arrives
-        /// the VM's state is split between the sites: a cut link pauses it at both, and ferry
-        /// keeps both copies but cannot resume the move yet. Diskless VMs only.
+        /// the VM's state is split between the sites: a cut link pauses it at both until the
+        /// move resumes (for up to 10 minutes), and a destination QEMU that dies loses it.
+        /// Diskless VMs only.
         #[arg(long, conflicts_with = "cold")]
         postcopy: bool,
         /// Move it stopped: shut the guest down, send its disks, boot it at the destination.

@@ -228,6 +228,40 @@ fn a_guest_that_outruns_the_link_moves_by_post_copy() {
     vm_ok(&sites, "b", &["stop", "g1", "--force"]);
 }
 
+#[test]
+fn a_post_copy_whose_link_is_cut_waits_at_both_sites_and_resumes_losing_nothing() {
+    let _serial = serial();
+    let sites = Sites::on(Lab::up("tmigr", &["--no-client", "--rtt", "40ms", "--rate", "50mbit"]));
+    // On a 50 Mbit/s link the pages left at the switch take seconds to cross: the cut lands
+    // while the VM runs at b on pages a still holds.
+    let spec = write_spec(&sites.root, "g1", "ferry.mem=48M ferry.dirty=16M ferry.mix=random:90,zero:10");
+    vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
+    let before = wait_heartbeat_after(&sites, "a", 1, Duration::from_secs(60));
+    let data = sites.data("a");
+    let child = ferry().args(["vm", "migrate", "g1", "--to", "b", "--json", "--postcopy", "--data", data.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !sites.agent_log("a").contains("post-copy sends the rest") {
+        assert!(Instant::now() < deadline, "the move never ran the VM at b by post-copy:\n{}", tail(&sites.agent_log("a")));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sites.lab.ferry(&["link", "a-b", "down"]);
+    // Longer than a connection may stay silent: both agents give the session up.
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(qemu_copies(&sites), 2, "each site's QEMU keeps its part of the VM while the link is down");
+    assert!(sites.agent_log("a").contains("post-copy lost its session"), "{}", tail(&sites.agent_log("a")));
+    sites.lab.ferry(&["link", "a-b", "up"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the move should resume and complete:\n{}\nagent a:\n{}\nagent b:\n{}", text(&out), tail(&sites.agent_log("a")), tail(&sites.agent_log("b")));
+    let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("a→b: {moved}");
+    assert!(moved["postcopy_resumes"].as_u64().unwrap() >= 1, "{moved}");
+    assert!(vms(&sites, "a").is_empty(), "the source copy is gone");
+    assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
+    let after = wait_heartbeat_after(&sites, "b", field(&before, "seq").unwrap(), Duration::from_secs(30));
+    assert_eq!(field(&after, "corrupt"), Some(0), "the guest's memory check after a resumed post-copy: {after}");
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
+}
+
 /// Heartbeat lines in the serial log a site's VM directory holds (readable with its agent dead).
 fn serial_seq(sites: &Sites, site: &str) -> u64 {
     let log = std::fs::read_to_string(sites.data(site).join(".ferry/vms/g1/serial.log")).unwrap_or_default();

@@ -38,7 +38,7 @@ pub async fn move_cold(ctx: &SourceContext<'_>, req: MigrateRequest, events: mps
             counter.received.fetch_add(sent.wire_received, Relaxed);
         }
         summary.bulk_seconds = started.elapsed().as_secs_f64();
-        let arrival = Bytes::from(serde_json::to_vec(&Arrival { spec: spec.clone(), cold: true, staged: Vec::new(), postcopy: false })?);
+        let arrival = Bytes::from(serde_json::to_vec(&Arrival { spec: spec.clone(), cold: true, staged: Vec::new(), postcopy: false, resume: 0 })?);
         opened.store(true, Relaxed);
         let (conns, rtt, _, _lease) = prepare(ctx, &req, migration, &arrival, &counter).await?;
         drop(conns);

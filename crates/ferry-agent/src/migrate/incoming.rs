@@ -17,7 +17,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, OnceCell};
@@ -59,7 +59,18 @@ struct Incoming {
     /// Pages the source sent on request, for the thread writing the stream.
     fetched: Mutex<Option<std::sync::mpsc::Sender<(PageId, Bytes)>>>,
     ended_at: Mutex<Option<Instant>>,
+    /// Which stream into QEMU is current: a resumed post-copy's is a new one, and what the
+    /// earlier one's threads and connections still do must not reach it (see `resume.rs`).
+    generation: AtomicU32,
+    /// The last resumption asked for, and how it went: every connection of its session asks.
+    resumed: tokio::sync::Mutex<(u32, Option<std::result::Result<Bytes, String>>)>,
+    /// A post-copy's connection to QEMU's out-of-band monitor, made while QEMU could still
+    /// negotiate it (see `resume_incoming`).
+    oob: tokio::sync::Mutex<Option<crate::qmp::Qmp>>,
 }
+
+/// How long this site may take to have its QEMU listen for a resumed post-copy.
+const RESUME_WITHIN: Duration = Duration::from_secs(20);
 
 /// How long an ended migration is remembered for a source that asks how it ended.
 const KEEP_ENDED: Duration = Duration::from_secs(3600);
@@ -137,6 +148,10 @@ impl Incoming {
 /// Serves one connection of a migration session; `open` is its first message.
 pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared: Arc<Shared>, peer: String) -> Result<()> {
     let Message::MigrateOpen { migration, vm, spec } = open else { bail!("not a migration") };
+    let resume = if spec.is_empty() { 0 } else { serde_json::from_slice::<super::Arrival>(&spec).map_or(0, |a| a.resume) };
+    if resume > 0 {
+        return serve_resumed(conn, migration, resume, shared, peer).await;
+    }
     // A source that lost its session (or its agent) asks how the migration ended by opening it
     // again with an empty spec. Answered from what is known; it must never register anything.
     if spec.is_empty() {
@@ -162,11 +177,14 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
                     outcome: watch::channel(None).0,
                     fetched: Mutex::default(),
                     ended_at: Mutex::default(),
+                    generation: AtomicU32::new(0),
+                    resumed: Default::default(),
+                    oob: Default::default(),
                 })
             })
             .clone()
     };
-    let (sink, mut stream) = conn.split();
+    let (sink, stream) = conn.split();
     let (out, _writer) = wire::spawn_writer(sink);
     if let Some(o) = inc.outcome_now() {
         wire::queue(&out, Message::MigrateOutcome { migration, running: o.running, message: o.message }).await?;
@@ -180,6 +198,53 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
         }
         Ok(held) => held,
     };
+    carry(out, stream, &inc, &shared, held, peer).await
+}
+
+/// A connection of a session that resumes a post-copy whose session was lost.
+async fn serve_resumed(conn: Conn<crate::session::BoxStream>, migration: MigrationId, attempt: u32, shared: Arc<Shared>, peer: String) -> Result<()> {
+    let (sink, stream) = conn.split();
+    let (out, _writer) = wire::spawn_writer(sink);
+    let inc = shared.migrations.lock().unwrap().get(&migration).cloned();
+    let held = match &inc {
+        None => Err("this site knows no such migration (its agent restarted?)".to_string()),
+        Some(inc) if inc.peer != peer => Err(format!("the migration came from {}, not {peer}", inc.peer)),
+        Some(inc) => {
+            tracing::info!(vm = %inc.vm, attempt, "the source resumes post-copy");
+            // The session's first connection resumes; the others take its word.
+            let mut resumed = inc.resumed.lock().await;
+            if resumed.0 != attempt || resumed.1.is_none() {
+                let r = match tokio::time::timeout(RESUME_WITHIN, resume_incoming(&shared, inc)).await {
+                    Ok(r) => r.map_err(|e| format!("{e:#}")),
+                    Err(_) => Err(format!("resuming took longer than {} s here", RESUME_WITHIN.as_secs())),
+                };
+                if let Err(e) = &r {
+                    tracing::warn!(vm = %inc.vm, attempt, "post-copy cannot resume here: {e}");
+                }
+                *resumed = (attempt, Some(r));
+            }
+            resumed.1.clone().unwrap_or_else(|| Err("no resumption".into()))
+        }
+    };
+    match (inc, held) {
+        (Some(inc), Ok(held)) => carry(out, stream, &inc, &shared, held, peer).await,
+        (_, held) => {
+            let reason = held.err().unwrap_or_default();
+            wire::queue(&out, Message::MigrateReady { migration, accepted: false, reason, held: Bytes::new() }).await?;
+            drain(stream).await
+        }
+    }
+}
+
+/// Joins the connection to the migration's stream until it ends; if the session ends before
+/// the VM runs here, the migration is aborted.
+async fn carry<S, E>(out: mpsc::Sender<Message>, mut stream: S, inc: &Arc<Incoming>, shared: &Arc<Shared>, held: Bytes, peer: String) -> Result<()>
+where
+    S: futures::Stream<Item = std::result::Result<Message, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let migration = inc.id;
+    let generation = inc.generation.load(Relaxed);
     let first = {
         let mut outs = inc.outs.lock().unwrap();
         outs.push(out.clone());
@@ -196,7 +261,7 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
             }
         })
     };
-    let result = receive(&mut stream, &inc, &out).await;
+    let result = receive(&mut stream, inc, &out, generation).await;
     keepalive.abort();
     if inc.live_connections.fetch_sub(1, Relaxed) == 1 {
         let running = inc.outcome_now().is_some_and(|o| o.running);
@@ -205,7 +270,7 @@ pub async fn serve(conn: Conn<crate::session::BoxStream>, open: Message, shared:
                 Err(e) => format!("the session from {peer} ended before the VM ran: {e:#}"),
                 Ok(()) => format!("the session from {peer} ended before the VM ran"),
             };
-            abort(&shared, &inc, why).await;
+            abort(shared, inc, why).await;
         }
     }
     result
@@ -235,13 +300,19 @@ async fn drain<S: futures::Stream + Unpin>(mut stream: S) -> Result<()> {
     Ok(())
 }
 
-async fn receive<S, E>(stream: &mut S, inc: &Incoming, out: &mpsc::Sender<Message>) -> Result<()>
+async fn receive<S, E>(stream: &mut S, inc: &Incoming, out: &mpsc::Sender<Message>, generation: u32) -> Result<()>
 where
     S: futures::Stream<Item = std::result::Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
     loop {
-        match wire::next(stream).await? {
+        let msg = wire::next(stream).await?;
+        // A connection of a session that post-copy has gone on without: its batches number
+        // from 0 like the new session's, and must not be taken for them.
+        if inc.generation.load(Relaxed) != generation {
+            bail!("a connection of a session that was resumed in another");
+        }
+        match msg {
             Message::StreamData { seq, encoding, raw_len, data, .. } => {
                 let raw = match encoding {
                     Encoding::Raw => data.to_vec(),
@@ -287,7 +358,7 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
 /// stream and read the return path. Returns the page-ID prefixes this site holds.
 async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) -> Result<Bytes> {
-    let super::Arrival { mut spec, cold, staged, postcopy } = serde_json::from_slice(spec).context("the VM's spec")?;
+    let super::Arrival { mut spec, cold, staged, postcopy, .. } = serde_json::from_slice(spec).context("the VM's spec")?;
     // Its disks are under this site's data dir: complete, or (`staged`) in the staging files
     // their bulk pass is filling, which become those paths when it commits. QEMU reads its
     // disks only once it runs, after the pass and every record that follows it.
@@ -355,6 +426,9 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         // Post-copy must be allowed here before the stream starts; its blocktime (how long
         // vCPUs waited for pages they faulted on) is the figure that says what it cost the guest.
         qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "switchover-ack", "state": !staged.is_empty()}, {"capability": "postcopy-ram", "state": postcopy}, {"capability": "postcopy-blocktime", "state": postcopy}]})).await?;
+        if postcopy {
+            *inc.oob.lock().await = Some(crate::qmp::Qmp::connect_oob(&shared.vms.dir(&spec.name).join(crate::vm::OOB_MONITOR), Duration::from_secs(10)).await?);
+        }
         let path = shared.vms.dir(&spec.name).join("migrate-in.sock");
         let _ = std::fs::remove_file(&path);
         qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", path.display())})).await?;
@@ -397,6 +471,16 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
             let _ = std::fs::remove_file(p);
         }
     }
+    attach_stream(shared, inc, sock, disks).await?;
+    tokio::spawn(watch_qemu(shared.clone(), inc.clone()));
+    let held = shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8, &inc.peer);
+    Ok(Bytes::from(held))
+}
+
+/// Starts the threads that write the stream into QEMU's socket and carry its return path
+/// back, for the current generation of the stream.
+async fn attach_stream(shared: &Arc<Shared>, inc: &Arc<Incoming>, sock: UnixStream, disks: DiskWriter) -> Result<()> {
+    let generation = inc.generation.load(Relaxed);
     let (to_qemu, from_session) = mpsc::unbounded_channel();
     inc.reorder.lock().await.to_qemu = Some(to_qemu);
     let (fetched_tx, fetched) = std::sync::mpsc::channel();
@@ -404,7 +488,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
     {
         let (sock, store, key, inc) = (sock.try_clone()?, shared.store.clone(), shared.tenant_key, inc.clone());
         std::thread::spawn(move || {
-            let r = write_stream(sock, from_session, fetched, &store, &key, &inc, &disks);
+            let r = write_stream(sock, from_session, fetched, &store, &key, &inc, &disks, generation);
             match r {
                 Ok(stats) => tracing::info!(vm = %inc.vm, ?stats, "the whole stream is written to the destination QEMU"),
                 Err(e) => inc.finish(false, format!("{e:#}")),
@@ -419,13 +503,60 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
                 if n == 0 {
                     break;
                 }
+                if inc.generation.load(Relaxed) != generation {
+                    break;
+                }
                 inc.tell_source_blocking(Message::StreamBack { migration: inc.id, data: Bytes::copy_from_slice(&buf[..n]) });
             }
         });
     }
-    tokio::spawn(watch_qemu(shared.clone(), inc.clone()));
-    let held = shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8, &inc.peer);
-    Ok(Bytes::from(held))
+    Ok(())
+}
+
+/// Post-copy lost its session and the source resumes it: this QEMU pauses (if it has not
+/// noticed yet), listens again (`migrate-recover`), and a new stream generation is attached.
+/// Returns the page-ID prefixes this site holds.
+async fn resume_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>) -> Result<Bytes> {
+    if !inc.outcome_now().is_some_and(|o| o.running) {
+        bail!("the VM does not run here: there is no post-copy to resume");
+    }
+    // Out of band: a vCPU or a device that waits for a page the lost session holds can block
+    // QEMU's main loop, and with it every ordinary command (`query-migrate` too).
+    let mut oob = inc.oob.lock().await;
+    let qmp = oob.as_mut().context("this site has no out-of-band monitor on the VM's QEMU")?;
+    // A QEMU whose stream still looks open (the session died, not its socket) pauses now; one
+    // that noticed has paused already and refuses.
+    if let Err(e) = qmp.execute_oob("migrate-pause", json!({})).await {
+        tracing::debug!(vm = %inc.vm, "post-copy pauses by itself here: {e:#}");
+    }
+    // A new generation: the old stream's writer loses its input and ends; what the old
+    // session's connections and threads still do goes nowhere.
+    inc.generation.fetch_add(1, Relaxed);
+    *inc.reorder.lock().await = Reorder::default();
+    inc.outs.lock().unwrap().clear();
+    let path = shared.vms.dir(&inc.vm).join("migrate-in.sock");
+    let _ = std::fs::remove_file(&path);
+    let uri = json!({"uri": format!("unix:{}", path.display())});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Refused until QEMU has finished pausing.
+    while let Err(e) = qmp.execute_oob("migrate-recover", uri.clone()).await {
+        if Instant::now() > deadline {
+            return Err(e.context("the destination QEMU would not listen to resume"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::debug!(vm = %inc.vm, "QEMU listens to resume");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sock = loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(e).context("the destination QEMU does not listen to resume"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    attach_stream(shared, inc, sock, DiskWriter::open(&[])?).await?;
+    tracing::info!(vm = %inc.vm, "post-copy resumes in a new session");
+    Ok(Bytes::from(shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8, &inc.peer)))
 }
 
 impl Incoming {
@@ -445,6 +576,7 @@ impl Incoming {
 const ACK_EVERY: u64 = 1 << 20;
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
+#[allow(clippy::too_many_arguments)] // the stream, where its pages come from, where disk writes go, and which generation it is
 fn write_stream(
     mut sock: UnixStream,
     mut batches: mpsc::UnboundedReceiver<Vec<u8>>,
@@ -453,7 +585,9 @@ fn write_stream(
     key: &[u8; 32],
     inc: &Incoming,
     disks: &DiskWriter,
+    generation: u32,
 ) -> Result<DecodeStats> {
+    let current = || inc.generation.load(Relaxed) == generation;
     let mut out = Vec::with_capacity(2 << 20);
     let mut stats = DecodeStats::default();
     let (mut written, mut acked) = (0u64, 0u64);
@@ -461,6 +595,9 @@ fn write_stream(
     // held pages (or a store that lost pages) costs.
     let mut fetch = |id: &PageId| -> Result<Vec<u8>> {
         tracing::info!(vm = %inc.vm, "asking the source for a page this site does not hold");
+        if !current() {
+            bail!("the stream was resumed in another session");
+        }
         inc.tell_source_blocking(Message::PageWant { migration: inc.id, id: *id });
         let deadline = Instant::now() + FETCH_WITHIN;
         loop {
@@ -489,7 +626,7 @@ fn write_stream(
             (decoding, writing, told) = (Duration::ZERO, Duration::ZERO, t2);
         }
         written += out.len() as u64;
-        if written - acked >= ACK_EVERY || batches.is_empty() {
+        if (written - acked >= ACK_EVERY || batches.is_empty()) && current() {
             inc.tell_source(Message::StreamAck { migration: inc.id, written });
             acked = written;
         }

@@ -11,6 +11,7 @@ pub mod doubt;
 pub mod incoming;
 pub mod postcopy;
 pub mod readiness;
+pub mod resume;
 pub mod source;
 pub mod switchover;
 pub mod window;
@@ -61,6 +62,9 @@ pub struct Arrival {
     /// The source may switch to post-copy: the destination's QEMU must be ready for it.
     #[serde(default)]
     pub postcopy: bool,
+    /// Not 0: a post-copy that lost its session goes on in this one (its nth resumption).
+    #[serde(default)]
+    pub resume: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -102,4 +106,7 @@ pub struct MigrateSummary {
     pub postcopy_requests: u64,
     #[serde(default)]
     pub postcopy_bytes: u64,
+    /// Sessions the post-copy went on in after one was lost.
+    #[serde(default)]
+    pub postcopy_resumes: u32,
 }

@@ -6,11 +6,14 @@
 //! waits).
 //!
 //! The switch waits for the first full pass: the pages the guest leaves alone are at the
-//! destination by then, so only its working set can fault.
+//! destination by then, so only its working set can fault. It also waits for the stream's
+//! window to tighten (`StreamWindow::tighten`), so that neither the devices' state nor the
+//! pages the destination faults on queue behind a window's worth of pages.
 //!
 //! What it costs: from the switch until the last page arrives, the VM's state is split between
-//! the sites. A cut link then pauses it at both (QEMU's `postcopy-paused`); neither copy may
-//! be ended, and ferry does not yet resume such a move (QEMU's `migrate-recover`).
+//! the sites. A cut link then pauses it at both (QEMU's `postcopy-paused`); neither copy may be
+//! ended, and the move resumes in a new session (`resume.rs`). A destination QEMU that dies
+//! meanwhile takes the VM with it.
 use std::time::Duration;
 
 /// The guest dirties at least this share of the rate its pages cross at: each pass shrinks
@@ -18,6 +21,9 @@ use std::time::Duration;
 pub const OUTRUN_SHARE: f64 = 0.8;
 /// Pre-copy that has not converged by then switches, whatever the rates say.
 pub const AT_MOST: Duration = Duration::from_secs(20);
+
+/// How long the switch waits for what is in flight to drain to the tightened window.
+pub const DRAIN_AT_MOST: Duration = Duration::from_secs(1);
 
 /// What the source QEMU's `query-migrate` says, in the units the rule needs.
 #[derive(Clone, Copy, Debug, Default)]

@@ -49,7 +49,7 @@ const ZSTD_LEVEL: i32 = 2;
 
 /// What the pump has seen, shared with the task that reports progress.
 #[derive(Default)]
-struct PumpState {
+pub(super) struct PumpState {
     stream_bytes: AtomicU64,
     pages_sent: AtomicU64,
     pages_referenced: AtomicU64,
@@ -68,6 +68,10 @@ struct PumpState {
     opaque: Mutex<Option<String>>,
     /// Seconds into the move when the source switched to post-copy.
     postcopy_at: Mutex<Option<f64>>,
+    /// Sessions post-copy went on in after its session was lost (see `resume.rs`).
+    pub(super) resumes: std::sync::atomic::AtomicU32,
+    /// The stream's parser between pumps: a resumed post-copy stream goes on where it was.
+    splitter: Mutex<Option<Splitter>>,
     /// Every page the destination holds by the end of the stream (left by the pump at EOF).
     sent: Mutex<Option<HashSet<PageId>>>,
 }
@@ -119,9 +123,24 @@ impl Dedup {
 }
 
 /// Reads QEMU's stream until QEMU closes it, handing batches on in stream order; disk records
-/// go between QEMU's writes, in the order they come.
+/// go between QEMU's writes, in the order they come. The parser outlives the pump: post-copy
+/// resumed in a new session goes on with it.
 #[allow(clippy::too_many_arguments)] // QEMU's stream, what the destination holds, and where batches go
-fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>, mut disk: Option<std::sync::mpsc::Receiver<PumpInput>>, feed: Option<super::disks::PageFeed>) -> Result<()> {
+fn pump(qemu: UnixStream, dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: Arc<PumpState>, disk: Option<std::sync::mpsc::Receiver<PumpInput>>, feed: Option<super::disks::PageFeed>) -> Result<()> {
+    let mut splitter = match st.splitter.lock().unwrap().take() {
+        Some(mut resumed) => {
+            resumed.resume();
+            resumed
+        }
+        None => Splitter::new(),
+    };
+    let result = pump_with(&mut splitter, qemu, dedup, store, out, window, &st, disk, feed);
+    *st.splitter.lock().unwrap() = Some(splitter);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pump_with(splitter: &mut Splitter, mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, out: mpsc::Sender<Vec<u8>>, window: Arc<StreamWindow>, st: &PumpState, mut disk: Option<std::sync::mpsc::Receiver<PumpInput>>, feed: Option<super::disks::PageFeed>) -> Result<()> {
     // Disk records stand for no stream bytes: they wait for no room in the window (the last
     // ones go while the VM stands still).
     let send = |b: Vec<u8>, stream_len: usize| -> Result<()> {
@@ -131,7 +150,6 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
         Ok(())
     };
     let mut buf = vec![0u8; 1 << 20];
-    let mut splitter = Splitter::new();
     let mut enc = BatchEncoder::default();
     let mut failed: Option<anyhow::Error> = None;
     loop {
@@ -187,7 +205,7 @@ fn pump(mut qemu: UnixStream, mut dedup: Dedup, store: Arc<Mutex<PageStore>>, ou
                     st.literal_bytes.fetch_add(b.len() as u64, Relaxed);
                 }
                 Piece::Page { data, .. } => {
-                    if let Err(e) = dedup.page(data, &mut enc, &store, &st) {
+                    if let Err(e) = dedup.page(data, &mut enc, &store, st) {
                         failed = Some(e);
                     }
                 }
@@ -357,6 +375,19 @@ pub struct SourceContext<'a> {
 
 const SETUP_ATTEMPTS: u32 = 3;
 
+/// The destination said no (it runs a VM of that name, it cannot resume a post-copy, ...):
+/// trying again changes nothing.
+#[derive(Debug)]
+pub(super) struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// QEMU's `downtime-limit` budgets only the copy of what is left; the client also waits the
 /// one-way delay for the last bytes to arrive. So QEMU gets the operator's target less that,
 /// but never less than QEMU can plan with.
@@ -380,7 +411,7 @@ pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migra
     for c in conns.iter_mut() {
         loop {
             match wire::next(c).await.context("waiting for the destination to start the VM's QEMU")? {
-                Message::MigrateReady { accepted: false, reason, .. } => bail!("{} refused the VM: {reason}", req.to),
+                Message::MigrateReady { accepted: false, reason, .. } => return Err(Refused(format!("{} refused the VM: {reason}", req.to)).into()),
                 Message::MigrateReady { held: h, .. } => {
                     held.extend(h.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap())));
                     break;
@@ -447,7 +478,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         }
         disks = Some(mv);
     }
-    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false, staged, postcopy: req.postcopy })?);
+    let spec_json = Bytes::from(serde_json::to_vec(&super::Arrival { spec: spec.clone(), cold: false, staged, postcopy: req.postcopy, resume: 0 })?);
     // Without disks QEMU streams as soon as the destination is asked (see `Readiness`); with
     // disks the destination must have taken them over first.
     let early = disks.is_none();
@@ -465,7 +496,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         };
         let (ready, conns, rtt, _lease) = match opened {
             Ok(o) => o,
-            Err(e) if attempt < SETUP_ATTEMPTS && !e.to_string().contains("refused the VM") => {
+            Err(e) if attempt < SETUP_ATTEMPTS && e.downcast_ref::<Refused>().is_none() => {
                 tracing::warn!(to = %req.to, "setting up the migration failed, trying again: {e:#}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -492,7 +523,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         };
         tracing::info!(vm = %req.vm, to = %req.to, at_ms = started.elapsed().as_millis() as u64, destination_ready = ready.all(), "QEMU streams");
         let st = Arc::new(PumpState::default());
-        let outcome = relay(ctx, &req, migration, conns, rtt, &ready, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut(), bulk.take()).await;
+        let outcome = relay(ctx, &req, migration, conns, rtt, &ready, qemu.try_clone()?, &st, &events, &counter, started, disks.as_mut(), bulk.take(), false).await;
         match outcome {
             Ok(()) => {
                 tracing::info!(vm = %req.vm, to = %req.to, at_ms = started.elapsed().as_millis() as u64, "the VM runs at the destination");
@@ -500,6 +531,10 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
             }
             Err(e) => {
                 let _ = qemu.shutdown(std::net::Shutdown::Both);
+                if split_status(ctx, &req.vm).await.is_some() {
+                    let first = super::resume::First { rtt, connections };
+                    return super::resume::resume_postcopy(ctx, &req, migration, &spec, &st, &events, &counter, started, first, e).await;
+                }
                 let recovered = recover_source(ctx, &req, migration).await;
                 doubt::clear(&ctx.vms.dir(&req.vm));
                 if !ready.all() && !ready.was_refused() && recovered.runs_here && attempt < SETUP_ATTEMPTS {
@@ -563,7 +598,7 @@ async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, mig
 
 /// The destination runs the VM: the source's copy ends, and what the move did is summed up.
 #[allow(clippy::too_many_arguments)]
-async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duration, connections: usize, counter: &Arc<WireCounter>, st: &Arc<PumpState>, started: Instant, spec: &crate::vm::VmSpec, disks: Option<DiskMove>) -> Result<MigrateSummary> {
+pub(super) async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duration, connections: usize, counter: &Arc<WireCounter>, st: &Arc<PumpState>, started: Instant, spec: &crate::vm::VmSpec, disks: Option<DiskMove>) -> Result<MigrateSummary> {
     let dir = ctx.vms.dir(&req.vm);
     let mut qemu_downtime_ms = None;
     let mut qemu_total_ms = None;
@@ -625,13 +660,14 @@ async fn finish_move(ctx: &SourceContext<'_>, req: &MigrateRequest, rtt: Duratio
         postcopy_after_s: *st.postcopy_at.lock().unwrap(),
         postcopy_requests,
         postcopy_bytes,
+        postcopy_resumes: st.resumes.load(Relaxed),
     })
 }
 
 /// Carries the stream until the destination reports its VM running; any error before that
 /// leaves the source to be recovered by the caller.
 #[allow(clippy::too_many_arguments)]
-async fn relay(
+pub(super) async fn relay(
     ctx: &SourceContext<'_>,
     req: &MigrateRequest,
     migration: MigrationId,
@@ -645,6 +681,7 @@ async fn relay(
     started: Instant,
     disks: Option<&mut DiskMove>,
     bulk: Option<super::disks::BulkPass<'_>>,
+    resumed: bool,
 ) -> Result<()> {
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(RAW_QUEUE);
     let (send_tx, send_rx) = mpsc::channel::<Message>(SEND_QUEUE);
@@ -725,8 +762,11 @@ async fn relay(
     let mut limit = limit;
     let mut raised_at = Instant::now();
     // Post-copy: when the source switched, and whether the VM runs at the destination since.
-    let mut switched = false;
-    let mut dest_runs = false;
+    let mut switched = resumed;
+    let mut dest_runs = resumed;
+    // Post-copy is due: the window tightens first, and the switch waits until what was in
+    // flight has drained to the tighter window (the devices' state would queue behind it).
+    let mut tightened: Option<Instant> = None;
     let relay_loop = async { loop {
         tokio::select! {
             ev = dest_rx.recv() => match ev {
@@ -785,14 +825,19 @@ async fn relay(
                 if dest_runs && status == "completed" {
                     break Ok(());
                 }
-                if super::postcopy::split_between_sites(&status) && status != "postcopy-active" {
-                    break Err(anyhow::anyhow!("post-copy stalled (the source QEMU is {status})"));
+                // (While a resumed post-copy's QEMUs shake hands, the source is postcopy-recover.)
+                if status == "postcopy-paused" {
+                    break Err(anyhow::anyhow!("post-copy paused: the source QEMU's stream broke"));
                 }
                 if req.postcopy && !switched && status == "active" {
                     let progress = super::postcopy::Progress::from_query(&m);
                     let rate = super::switchover::rate(path_bps, st.encoded_bytes.load(Relaxed), st.compressed_bytes.load(Relaxed));
                     let converging_for = converging.lock().unwrap().map_or(Duration::ZERO, |t| t.elapsed());
-                    if super::postcopy::due(progress, rate, converging_for) {
+                    if tightened.is_none() && super::postcopy::due(progress, rate, converging_for) {
+                        window.tighten();
+                        tightened = Some(Instant::now());
+                    }
+                    if tightened.is_some_and(|t| window.in_flight() <= window.limit() || t.elapsed() > super::postcopy::DRAIN_AT_MOST) {
                         ctx.vms.qmp(&req.vm).await?.execute("migrate-start-postcopy", json!({})).await?;
                         switched = true;
                         *st.postcopy_at.lock().unwrap() = Some(started.elapsed().as_secs_f64());

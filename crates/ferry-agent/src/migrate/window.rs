@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 const FLOOR: u64 = 16 << 20;
 /// The window over the measured rate × RTT: room to grow when the window was the limit.
 const GROWTH: f64 = 1.25;
+/// A tightened window's margin over one round trip of the rate (see `tighten`).
+const TIGHT_MARGIN: u64 = 1 << 20;
 /// How far back the best rate counts.
 const SPAN: Duration = Duration::from_millis(500);
 /// What one rate is measured over, at least: one round trip, but not so short that a burst of
@@ -44,6 +46,7 @@ struct State {
     /// Rates measured over a round trip each, and when.
     rates: VecDeque<(Instant, f64)>,
     start: Option<Start>,
+    tight: bool,
 }
 
 /// The window's start: the best rate of the round trip before and of this one, which began at
@@ -56,7 +59,7 @@ struct Start {
 
 impl StreamWindow {
     pub fn new(rtt: Duration) -> StreamWindow {
-        StreamWindow { state: Mutex::new(State { sent: 0, written: 0, limit: FLOOR, closed: false, samples: VecDeque::new(), rates: VecDeque::new(), start: Some(Start { since: None, before: 0.0, best: 0.0 }) }), changed: Condvar::new(), rtt: rtt.max(Duration::from_millis(10)) }
+        StreamWindow { state: Mutex::new(State { sent: 0, written: 0, limit: FLOOR, closed: false, samples: VecDeque::new(), rates: VecDeque::new(), start: Some(Start { since: None, before: 0.0, best: 0.0 }), tight: false }), changed: Condvar::new(), rtt: rtt.max(Duration::from_millis(10)) }
     }
 
     /// Waits until `len` more stream bytes may go; false once the window is closed. A batch
@@ -112,10 +115,32 @@ impl StreamWindow {
             };
             if started {
                 s.start = None;
-                let best = s.rates.iter().map(|(_, r)| *r).fold(0.0, f64::max);
-                s.limit = FLOOR.max((GROWTH * best * self.rtt.as_secs_f64()) as u64 + FLOOR / 4);
+                s.limit = self.settled_limit(&s);
             }
         }
+        self.changed.notify_all();
+    }
+
+    fn settled_limit(&self, s: &State) -> u64 {
+        let best = s.rates.iter().map(|(_, r)| *r).fold(0.0, f64::max);
+        let round_trip = best * self.rtt.as_secs_f64();
+        if s.tight {
+            round_trip as u64 + TIGHT_MARGIN
+        } else {
+            FLOOR.max((GROWTH * round_trip) as u64 + FLOOR / 4)
+        }
+    }
+
+    /// For post-copy: a vCPU at the destination that faults on a page waits for it, and the
+    /// page queues behind everything in flight (at the switch of a 100 ms move, 33 MB: 0.26 s
+    /// of a 1 Gbit/s link). From now on the window is one round trip of the best rate plus
+    /// 1 MiB, with neither margin nor floor: the link stays about as busy, and a fault waits
+    /// little more than a round trip.
+    pub fn tighten(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.tight = true;
+        s.start = None;
+        s.limit = self.settled_limit(&s);
         self.changed.notify_all();
     }
 
@@ -194,6 +219,28 @@ mod tests {
         assert!(!w.starting(), "the rate stopped growing");
         let limit = w.limit();
         assert!(limit > 30_000_000 && limit < 70_000_000, "limit {limit}");
+    }
+
+    #[test]
+    fn a_tightened_window_is_one_round_trip_of_the_rate_and_a_little() {
+        let w = StreamWindow::new(Duration::from_millis(100));
+        let mut written = 0;
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(10));
+            written += 1_000_000;
+            w.acked(written);
+        }
+        w.tighten();
+        assert!(!w.starting());
+        // About 100 MB/s × 100 ms + 1 MiB (less where a busy machine's sleeps run long).
+        let limit = w.limit();
+        assert!(limit > TIGHT_MARGIN && limit < 12_000_000, "limit {limit}");
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(10));
+            written += 1_000_000;
+            w.acked(written);
+        }
+        assert!(w.limit() < 12_000_000, "it stays tight: {}", w.limit());
     }
 
     #[test]
