@@ -5,7 +5,7 @@
 //! lab's forwarder counts the bytes on the WAN; the guest must beat on at the destination.
 use crate::heartbeat::GuestCheck;
 use crate::live_native::{self, NativeOptions, NativeRun};
-use crate::live_report::{self, LiveReport, LiveRow, FERRY, FERRY_RETURN, QEMU_MULTIFD, QEMU_TLS};
+use crate::live_report::{self, LiveReport, LiveRow, FERRY, FERRY_POSTCOPY, FERRY_POSTCOPY_RETURN, FERRY_RETURN, QEMU_MULTIFD, QEMU_TLS};
 use crate::measure::{self, MoveSpec, Seen, Window};
 use crate::prober;
 use crate::site_vm::SiteVm;
@@ -27,16 +27,19 @@ pub enum Method {
     QemuMultifd,
     /// A move to b, then the return trip to a.
     Ferry,
+    /// The same with `--postcopy`.
+    FerryPostcopy,
 }
 
 impl Method {
-    pub const ALL: [Method; 3] = [Method::QemuTls, Method::QemuMultifd, Method::Ferry];
+    pub const ALL: [Method; 4] = [Method::QemuTls, Method::QemuMultifd, Method::Ferry, Method::FerryPostcopy];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::QemuTls => "qemu-tls",
             Method::QemuMultifd => "qemu-multifd",
             Method::Ferry => "ferry",
+            Method::FerryPostcopy => "ferry-postcopy",
         }
     }
 
@@ -132,6 +135,9 @@ impl Setup {
 pub fn print(report: &LiveReport) {
     println!("\n{}", live_report::table(&report.rows));
     live_report::print_targets(&report.targets);
+    for line in live_report::postcopy_comparison(&report.rows) {
+        println!("{line}");
+    }
 }
 
 /// Makes the table, targets and plots again from the `live.json` a run left in `out`.
@@ -229,7 +235,8 @@ impl Ctx<'_> {
         let rows = match m {
             Method::QemuTls => vec![self.native(QEMU_TLS, run, NativeOptions { multifd: false })],
             Method::QemuMultifd => vec![self.native(QEMU_MULTIFD, run, NativeOptions { multifd: true })],
-            Method::Ferry => self.ferry(run),
+            Method::Ferry => self.ferry(run, false),
+            Method::FerryPostcopy => self.ferry(run, true),
         };
         rows.iter().for_each(print_row);
         rows
@@ -262,13 +269,17 @@ impl Ctx<'_> {
     }
 
     /// ferry's move a → b and its return trip, with fresh agents (an empty page store).
-    fn ferry(&self, run: usize) -> Vec<LiveRow> {
-        let (mut first, mut back) = (self.row(FERRY, run), self.row(FERRY_RETURN, run));
+    fn ferry(&self, run: usize, postcopy: bool) -> Vec<LiveRow> {
+        let names = if postcopy { (FERRY_POSTCOPY, FERRY_POSTCOPY_RETURN) } else { (FERRY, FERRY_RETURN) };
+        let (mut first, mut back) = (self.row(names.0, run), self.row(names.1, run));
         let work = self.bench.work_dir.join("ferry");
         let _ = std::fs::remove_dir_all(&work);
         let (data_a, data_b) = (work.join("a"), work.join("b"));
         let mut procs = SiteProcesses::new(&self.cfg.name, self.logs(run));
-        let vm = SiteVm::new(&self.bench.ferry_exe, "live");
+        let mut vm = SiteVm::new(&self.bench.ferry_exe, "live");
+        if postcopy {
+            vm.migrate_flags.push("--postcopy".into());
+        }
         let result = (|| -> Result<()> {
             let (ip_a, ip_b) = (self.cfg.site("a")?.wan_addr().to_string(), self.cfg.site("b")?.wan_addr().to_string());
             let a = AgentSpec { site: "a", listen_ip: &ip_a, peer: ("b", &ip_b), data: &data_a, pki: self.pki, exe: &self.bench.ferry_exe, rate_bps: self.bench.rate_bps, plaintext: false };
@@ -316,6 +327,8 @@ impl Ctx<'_> {
         row.pages_sent = s["pages_sent"].as_u64();
         row.pages_referenced = s["pages_referenced"].as_u64();
         row.pages_from_disk = s["pages_from_disk"].as_u64();
+        row.postcopy_after_s = s["postcopy_after_s"].as_f64();
+        row.postcopy_requests = s["postcopy_requests"].as_u64();
         row.agents_cpu_s = Some(mv.cpu_ns as f64 / 1e9);
         (row.cpu_ns_per_byte, row.cpu_cycles_per_byte) = crate::cpu::per_byte(mv.cpu_ns, row.stream_bytes.unwrap_or(0), crate::cpu::cpu_mhz());
         if let Some(o) = s["opaque"].as_str() {

@@ -10,8 +10,11 @@ pub const QEMU_TLS: &str = "qemu-tls";
 pub const QEMU_MULTIFD: &str = "qemu-multifd-zstd-tls";
 pub const FERRY: &str = "ferry";
 pub const FERRY_RETURN: &str = "ferry-return";
+/// ferry with `--postcopy` (there and back): a guest that outruns the link is where it differs.
+pub const FERRY_POSTCOPY: &str = "ferry-postcopy";
+pub const FERRY_POSTCOPY_RETURN: &str = "ferry-postcopy-return";
 /// Every method's rows, in the order tables and plots show them.
-pub const METHODS: [&str; 4] = [QEMU_TLS, QEMU_MULTIFD, FERRY, FERRY_RETURN];
+pub const METHODS: [&str; 6] = [QEMU_TLS, QEMU_MULTIFD, FERRY, FERRY_RETURN, FERRY_POSTCOPY, FERRY_POSTCOPY_RETURN];
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LiveRow {
@@ -55,6 +58,12 @@ pub struct LiveRow {
     pub agents_cpu_s: Option<f64>,
     pub cpu_ns_per_byte: Option<f64>,
     pub cpu_cycles_per_byte: Option<f64>,
+    /// Seconds into a ferry move when it switched to post-copy, if it did; and the pages the
+    /// destination asked for after that.
+    #[serde(default)]
+    pub postcopy_after_s: Option<f64>,
+    #[serde(default)]
+    pub postcopy_requests: Option<u64>,
 }
 
 impl LiveRow {
@@ -172,7 +181,7 @@ pub(crate) fn method_series(methods: &[&str], rtts: &[f64], figure: &dyn Fn(&str
 }
 
 pub fn table(rows: &[LiveRow]) -> String {
-    let header = ["RTT ms", "method", "ok", "time s", "QEMU total s", "QEMU downtime ms", "probe gap ms", "lost x10ms", "wire MB", "stream MB", "pages by ref", "guest", "agents ns/B"];
+    let header = ["RTT ms", "method", "ok", "time s", "QEMU total s", "QEMU downtime ms", "probe gap ms", "lost x10ms", "wire MB", "stream MB", "pages by ref", "post-copy at s", "guest", "agents ns/B"];
     let opt = |v: Option<f64>| v.map_or("-".into(), fmt_num);
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -189,6 +198,7 @@ pub fn table(rows: &[LiveRow]) -> String {
                 fmt_num(r.wire_bytes() as f64 / 1e6),
                 opt(r.stream_bytes.map(|b| b as f64 / 1e6)),
                 r.pages_referenced.map_or("-".into(), |p| p.to_string()),
+                r.postcopy_after_s.map_or("-".into(), |t| format!("{t:.1} ({} asked)", r.postcopy_requests.unwrap_or(0))),
                 if r.guest_ok { "ok".into() } else { "NOT OK".into() },
                 opt(r.cpu_ns_per_byte),
             ]
@@ -199,6 +209,30 @@ pub fn table(rows: &[LiveRow]) -> String {
         s.push_str(&format!("FAILED {} at {:.0} ms (run {}): {}\n", r.method, r.rtt_ms, r.run, r.error.as_deref().unwrap_or(&r.guest_check)));
     }
     s
+}
+
+/// Post-copy beside pre-copy, where a run has both: not an issue target, the evidence of when
+/// `--postcopy` helps (time, the client's longest gap and lost probes, post-copy over pre-copy).
+pub fn postcopy_comparison(rows: &[LiveRow]) -> Vec<String> {
+    let f = Figures::new(rows);
+    f.rtts()
+        .into_iter()
+        .filter(|&r| f.time(FERRY, r).is_finite() && f.time(FERRY_POSTCOPY, r).is_finite())
+        .map(|r| {
+            format!(
+                "post-copy / pre-copy at {r:.0} ms: time {:.2} ({:.2} / {:.2} s), longest gap {:.2} ({:.0} / {:.0} ms), lost probes {:.2} ({:.0} / {:.0} ms)",
+                f.time(FERRY_POSTCOPY, r) / f.time(FERRY, r),
+                f.time(FERRY_POSTCOPY, r),
+                f.time(FERRY, r),
+                ratio(f.gap(FERRY_POSTCOPY, r), f.gap(FERRY, r)),
+                f.gap(FERRY_POSTCOPY, r),
+                f.gap(FERRY, r),
+                ratio(f.lost_ms(FERRY_POSTCOPY, r), f.lost_ms(FERRY, r)),
+                f.lost_ms(FERRY_POSTCOPY, r),
+                f.lost_ms(FERRY, r),
+            )
+        })
+        .collect()
 }
 
 pub fn print_targets(targets: &[Target]) {

@@ -27,7 +27,8 @@ pub struct LiveArgs {
     rtts: Vec<Duration>,
     #[arg(long, default_value = "1gbit", value_parser = parse_rate_bps)]
     rate: u64,
-    /// Methods, comma-separated: qemu-tls, qemu-multifd, ferry (ferry includes its return trip);
+    /// Methods, comma-separated: qemu-tls, qemu-multifd, ferry (ferry includes its return trip)
+    /// and ferry-postcopy (ferry with --postcopy, there and back), default all but the last;
     /// with --disk: qemu-nbd-mirror, ferry, ferry-diskless (default: all of them).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
