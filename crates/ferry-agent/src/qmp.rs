@@ -27,6 +27,25 @@ impl Qmp {
     /// Connects (waiting up to `within` for QEMU to create the socket) and leaves capabilities
     /// negotiation mode.
     pub async fn connect(socket: &Path, within: Duration) -> Result<Qmp> {
+        let (mut qmp, _) = Qmp::open(socket, within).await?;
+        qmp.execute("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    /// Connects and turns on out-of-band execution (see `execute_oob`). Must be done while
+    /// QEMU's main loop runs: leaving negotiation mode is an ordinary command.
+    pub async fn connect_oob(socket: &Path, within: Duration) -> Result<Qmp> {
+        let (mut qmp, greeting) = Qmp::open(socket, within).await?;
+        let offers_oob = greeting["QMP"]["capabilities"].as_array().is_some_and(|c| c.iter().any(|c| c == "oob"));
+        if !offers_oob {
+            bail!("the monitor on {} offers no out-of-band execution (it said {greeting})", socket.display());
+        }
+        qmp.execute("qmp_capabilities", json!({"enable": ["oob"]})).await?;
+        Ok(qmp)
+    }
+
+    /// Connects and reads QEMU's greeting.
+    async fn open(socket: &Path, within: Duration) -> Result<(Qmp, Value)> {
         let deadline = Instant::now() + within;
         let stream = loop {
             match UnixStream::connect(socket).await {
@@ -41,48 +60,14 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             bail!("{} is not a QMP socket (it said {greeting})", socket.display());
         }
-        qmp.execute("qmp_capabilities", json!({})).await?;
-        Ok(qmp)
-    }
-
-    /// Connects and turns on out-of-band execution (see `execute_oob`). Must be done while
-    /// QEMU's main loop runs: leaving negotiation mode is an ordinary command.
-    pub async fn connect_oob(socket: &Path, within: Duration) -> Result<Qmp> {
-        let deadline = Instant::now() + within;
-        let stream = loop {
-            match UnixStream::connect(socket).await {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("QEMU's QMP socket {} does not answer", socket.display())),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        let (read, write) = stream.into_split();
-        let mut qmp = Qmp { lines: BufReader::new(read).lines(), write, events: Vec::new(), broken: false, next_id: 0 };
-        let greeting = qmp.read().await?;
-        let offers_oob = greeting["QMP"]["capabilities"].as_array().is_some_and(|c| c.iter().any(|c| c == "oob"));
-        if !offers_oob {
-            bail!("the monitor on {} offers no out-of-band execution (it said {greeting})", socket.display());
-        }
-        qmp.execute("qmp_capabilities", json!({"enable": ["oob"]})).await?;
-        Ok(qmp)
+        Ok((qmp, greeting))
     }
 
     /// Runs a command out of band: in QEMU's monitor thread, even while its main loop is
     /// blocked (a post-copy destination's main loop can wait for a page that a cut link holds).
     /// Only commands QEMU allows out of band (`migrate-pause`, `migrate-recover`).
     pub async fn execute_oob(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let id = self.take_id();
-        let mut req = json!({ "exec-oob": command, "id": id });
-        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
-            req["arguments"] = arguments;
-        }
-        let mut line = serde_json::to_string(&req)?;
-        line.push('\n');
-        if let Err(e) = self.write.write_all(line.as_bytes()).await {
-            self.broken = true;
-            return Err(e).with_context(|| format!("sending {command} to QMP"));
-        }
-        self.answer(command, id).await
+        self.run("exec-oob", command, arguments).await
     }
 
     async fn read(&mut self) -> Result<Value> {
@@ -103,8 +88,12 @@ impl Qmp {
     /// Runs a command and returns its `return` value; a QMP error becomes an error naming the
     /// command.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        self.run("execute", command, arguments).await
+    }
+
+    async fn run(&mut self, how: &str, command: &str, arguments: Value) -> Result<Value> {
         let id = self.take_id();
-        let line = request_line(command, arguments, id)?;
+        let line = request_line(how, command, arguments, id)?;
         if let Err(e) = self.write.write_all(line.as_bytes()).await {
             self.broken = true;
             return Err(e).with_context(|| format!("sending {command} to QMP"));
@@ -122,7 +111,7 @@ impl Qmp {
     pub async fn give_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         use std::os::fd::AsRawFd;
         let id = self.take_id();
-        let line = request_line("getfd", json!({ "fdname": name }), id)?;
+        let line = request_line("execute", "getfd", json!({ "fdname": name }), id)?;
         let sock = self.write.as_ref().as_raw_fd();
         let sent = unsafe {
             let mut iov = libc::iovec { iov_base: line.as_ptr() as *mut libc::c_void, iov_len: line.len() };
@@ -182,8 +171,9 @@ impl Qmp {
 
 }
 
-fn request_line(command: &str, arguments: Value, id: u64) -> Result<String> {
-    let mut req = json!({ "execute": command, "id": id });
+/// `how` is `execute`, or `exec-oob` for a command run out of band.
+fn request_line(how: &str, command: &str, arguments: Value, id: u64) -> Result<String> {
+    let mut req = json!({ how: command, "id": id });
     if arguments.as_object().is_some_and(|o| !o.is_empty()) {
         req["arguments"] = arguments;
     }
