@@ -77,6 +77,9 @@ const KEEP_ENDED: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Reorder {
+    /// The stream generation these batches belong to (checked under the lock: a connection of
+    /// an earlier session may read a batch just before the resumption and deliver it after).
+    generation: u32,
     next: u64,
     pending: BTreeMap<u64, Vec<u8>>,
     end: Option<u64>,
@@ -110,6 +113,23 @@ impl Incoming {
 
     fn tell_source(&self, msg: Message) {
         let outs = self.outs.lock().unwrap().clone();
+        Self::try_each(outs, msg);
+    }
+
+    /// `tell_source`, from a thread of stream generation `generation` (see
+    /// `tell_source_blocking_in`).
+    fn tell_source_in(&self, generation: u32, msg: Message) {
+        let outs = {
+            let outs = self.outs.lock().unwrap();
+            if self.generation.load(Relaxed) != generation {
+                return;
+            }
+            outs.clone()
+        };
+        Self::try_each(outs, msg);
+    }
+
+    fn try_each(outs: Vec<mpsc::Sender<Message>>, msg: Message) {
         for out in outs {
             if out.try_send(msg.clone()).is_ok() {
                 return;
@@ -117,8 +137,11 @@ impl Incoming {
         }
     }
 
-    async fn deliver(&self, seq: u64, raw: Vec<u8>) -> Result<()> {
+    async fn deliver(&self, generation: u32, seq: u64, raw: Vec<u8>) -> Result<()> {
         let mut r = self.reorder.lock().await;
+        if r.generation != generation {
+            bail!("a batch of a session that was resumed in another");
+        }
         if seq < r.next || r.pending.contains_key(&seq) {
             bail!("batch {seq} arrived twice");
         }
@@ -136,8 +159,11 @@ impl Incoming {
         Ok(())
     }
 
-    async fn end(&self, batches: u64) {
+    async fn end(&self, generation: u32, batches: u64) {
         let mut r = self.reorder.lock().await;
+        if r.generation != generation {
+            return;
+        }
         r.end = Some(batches);
         if r.next == batches {
             r.to_qemu = None;
@@ -321,9 +347,9 @@ where
                 if raw.len() != raw_len as usize {
                     bail!("batch {seq} is {} bytes, announced {raw_len}", raw.len());
                 }
-                inc.deliver(seq, raw).await?;
+                inc.deliver(generation, seq, raw).await?;
             }
-            Message::StreamEnd { batches, .. } => inc.end(batches).await,
+            Message::StreamEnd { batches, .. } => inc.end(generation, batches).await,
             Message::PageData { id, data, .. } => {
                 if let Some(tx) = inc.fetched.lock().unwrap().as_ref() {
                     let _ = tx.send((id, data));
@@ -503,10 +529,9 @@ async fn attach_stream(shared: &Arc<Shared>, inc: &Arc<Incoming>, sock: UnixStre
                 if n == 0 {
                     break;
                 }
-                if inc.generation.load(Relaxed) != generation {
+                if !inc.tell_source_blocking_in(generation, Message::StreamBack { migration: inc.id, data: Bytes::copy_from_slice(&buf[..n]) }) {
                     break;
                 }
-                inc.tell_source_blocking(Message::StreamBack { migration: inc.id, data: Bytes::copy_from_slice(&buf[..n]) });
             }
         });
     }
@@ -531,8 +556,8 @@ async fn resume_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>) -> Result<By
     }
     // A new generation: the old stream's writer loses its input and ends; what the old
     // session's connections and threads still do goes nowhere.
-    inc.generation.fetch_add(1, Relaxed);
-    *inc.reorder.lock().await = Reorder::default();
+    let generation = inc.generation.fetch_add(1, Relaxed) + 1;
+    *inc.reorder.lock().await = Reorder { generation, ..Reorder::default() };
     inc.outs.lock().unwrap().clear();
     let path = shared.vms.dir(&inc.vm).join("migrate-in.sock");
     let _ = std::fs::remove_file(&path);
@@ -560,14 +585,24 @@ async fn resume_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>) -> Result<By
 }
 
 impl Incoming {
-    /// The return path must not lose a byte: wait for room rather than drop.
-    fn tell_source_blocking(&self, msg: Message) {
-        let outs = self.outs.lock().unwrap().clone();
+    /// From a thread of stream generation `generation`, which must not lose a byte of the
+    /// return path: waits for room rather than drop. Sends nothing once a resumed session
+    /// replaced the generation (checked under the writers' lock, which a resumption takes to
+    /// clear them only after it moved the generation on), and then says false.
+    fn tell_source_blocking_in(&self, generation: u32, msg: Message) -> bool {
+        let outs = {
+            let outs = self.outs.lock().unwrap();
+            if self.generation.load(Relaxed) != generation {
+                return false;
+            }
+            outs.clone()
+        };
         for out in outs {
             if out.blocking_send(msg.clone()).is_ok() {
-                return;
+                break;
             }
         }
+        true
     }
 }
 
@@ -587,7 +622,6 @@ fn write_stream(
     disks: &DiskWriter,
     generation: u32,
 ) -> Result<DecodeStats> {
-    let current = || inc.generation.load(Relaxed) == generation;
     let mut out = Vec::with_capacity(2 << 20);
     let mut stats = DecodeStats::default();
     let (mut written, mut acked) = (0u64, 0u64);
@@ -595,10 +629,9 @@ fn write_stream(
     // held pages (or a store that lost pages) costs.
     let mut fetch = |id: &PageId| -> Result<Vec<u8>> {
         tracing::info!(vm = %inc.vm, "asking the source for a page this site does not hold");
-        if !current() {
+        if !inc.tell_source_blocking_in(generation, Message::PageWant { migration: inc.id, id: *id }) {
             bail!("the stream was resumed in another session");
         }
-        inc.tell_source_blocking(Message::PageWant { migration: inc.id, id: *id });
         let deadline = Instant::now() + FETCH_WITHIN;
         loop {
             let left = deadline.checked_duration_since(Instant::now()).context("the source did not send a page it was asked for")?;
@@ -626,8 +659,8 @@ fn write_stream(
             (decoding, writing, told) = (Duration::ZERO, Duration::ZERO, t2);
         }
         written += out.len() as u64;
-        if (written - acked >= ACK_EVERY || batches.is_empty()) && current() {
-            inc.tell_source(Message::StreamAck { migration: inc.id, written });
+        if written - acked >= ACK_EVERY || batches.is_empty() {
+            inc.tell_source_in(generation, Message::StreamAck { migration: inc.id, written });
             acked = written;
         }
     }
