@@ -76,7 +76,7 @@ pub async fn settle(ctx: &SourceContext<'_>, vm: &str, to: &str, migration: Migr
             Ok(Some((true, _))) => {
                 // Post-copy: the destination runs the VM on pages this QEMU still holds.
                 if let Some(status) = super::source::split_status(ctx, vm).await {
-                    return format!("{to} runs the VM, but post-copy was under way (the source QEMU is {status}): both QEMUs are kept; ferry cannot resume a post-copy move yet");
+                    return format!("{to} runs the VM, but post-copy was under way (the source QEMU is {status}): both QEMUs are kept as they are (a restarted agent does not resume a post-copy)");
                 }
                 ctx.vms.kill(vm).await;
                 clear(&dir);

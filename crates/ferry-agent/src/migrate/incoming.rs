@@ -458,14 +458,7 @@ async fn start_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>, spec: &[u8]) 
         let path = shared.vms.dir(&spec.name).join("migrate-in.sock");
         let _ = std::fs::remove_file(&path);
         qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", path.display())})).await?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break Ok::<_, anyhow::Error>(s),
-                Err(e) if Instant::now() > deadline => return Err(e).context("the destination QEMU does not listen for the stream"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
+        connect_to_qemu(&path).await.context("the destination QEMU does not listen for the stream")
     };
     let sock = match setup.await {
         Ok(s) => s,
@@ -538,6 +531,18 @@ async fn attach_stream(shared: &Arc<Shared>, inc: &Arc<Incoming>, sock: UnixStre
     Ok(())
 }
 
+/// Connects to the socket QEMU was just told to listen on (it may take a moment to appear).
+async fn connect_to_qemu(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Post-copy lost its session and the source resumes it: this QEMU pauses (if it has not
 /// noticed yet), listens again (`migrate-recover`), and a new stream generation is attached.
 /// Returns the page-ID prefixes this site holds.
@@ -571,14 +576,7 @@ async fn resume_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>) -> Result<By
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::debug!(vm = %inc.vm, "QEMU listens to resume");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let sock = loop {
-        match UnixStream::connect(&path) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => return Err(e).context("the destination QEMU does not listen to resume"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    };
+    let sock = connect_to_qemu(&path).await.context("the destination QEMU does not listen to resume")?;
     attach_stream(shared, inc, sock, DiskWriter::open(&[])?).await?;
     tracing::info!(vm = %inc.vm, "post-copy resumes in a new session");
     Ok(Bytes::from(shared.store.lock().unwrap().prefixes(MAX_CHUNK_LEN / 8, &inc.peer)))

@@ -9,6 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+/// The page-ID prefixes MIGRATE_READY lists, 8 bytes each.
+pub fn held_prefixes(held: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    held.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap()))
+}
+
 pub struct Readiness {
     vm: String,
     connections: usize,
@@ -32,10 +37,10 @@ impl Readiness {
         r
     }
 
-    /// One connection's answer: accepted, with the prefixes of the pages held (8 bytes each).
+    /// One connection's answer: accepted, with the prefixes of the pages held.
     pub fn accepted(&self, held: &[u8]) {
         if !held.is_empty() {
-            let _ = self.held.set(held.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap())).collect());
+            let _ = self.held.set(held_prefixes(held).collect());
         }
         if self.ready.fetch_add(1, Relaxed) + 1 == self.connections {
             tracing::info!(vm = %self.vm, after_ms = self.since.elapsed().as_millis() as u64, held = self.held.get().map_or(0, |h| h.len()), "the destination's QEMU waits for the stream");

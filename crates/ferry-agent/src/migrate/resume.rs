@@ -6,7 +6,7 @@
 //! with `resume`), the two QEMUs exchange which pages arrived, and the rest follows.
 use super::readiness::Readiness;
 use super::source::{self, PumpState, SourceContext};
-use super::{doubt, Arrival, MigrateRequest, MigrateSummary};
+use super::{Arrival, MigrateRequest, MigrateSummary};
 use crate::control::Event;
 use crate::session::WireCounter;
 use anyhow::{bail, Context, Result};
@@ -109,10 +109,7 @@ async fn paused(ctx: &SourceContext<'_>, vm: &str) -> Result<bool> {
 /// Hands the source QEMU a new socket to go on in; the agent keeps the other end.
 async fn resume_qemu(ctx: &SourceContext<'_>, vm: &str) -> Result<UnixStream> {
     let mut qmp = ctx.vms.qmp(vm).await?;
-    let (qemu, for_qemu) = UnixStream::pair()?;
-    qmp.give_fd("ferry-mig", std::os::fd::AsFd::as_fd(&for_qemu)).await?;
-    qmp.give_fd(doubt::HOLD_FD, std::os::fd::AsFd::as_fd(&qemu)).await?;
-    drop(for_qemu);
+    let qemu = source::give_stream_socket(&mut qmp).await?;
     qmp.execute("migrate", json!({"uri": "fd:ferry-mig", "resume": true})).await?;
     Ok(qemu)
 }

@@ -413,7 +413,7 @@ pub(super) async fn prepare(ctx: &SourceContext<'_>, req: &MigrateRequest, migra
             match wire::next(c).await.context("waiting for the destination to start the VM's QEMU")? {
                 Message::MigrateReady { accepted: false, reason, .. } => return Err(Refused(format!("{} refused the VM: {reason}", req.to)).into()),
                 Message::MigrateReady { held: h, .. } => {
-                    held.extend(h.chunks_exact(8).map(|p| u64::from_be_bytes(p.try_into().unwrap())));
+                    held.extend(super::readiness::held_prefixes(&h));
                     break;
                 }
                 // A connection that opened after a cold move's VM already booted there.
@@ -580,12 +580,7 @@ async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, mig
     qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}, {"capability": "switchover-ack", "state": hold}, {"capability": "postcopy-ram", "state": req.postcopy}]})).await?;
     let downtime_limit = if hold { 0 } else { downtime_limit_ms(req.downtime_ms, rtt) };
     qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
-    // QEMU gets its end of the stream's socket and keeps a copy of the agent's end too, so
-    // that the agent's death alone never makes QEMU give up and restart the VM (see doubt.rs).
-    let (qemu, for_qemu) = UnixStream::pair()?;
-    qmp.give_fd("ferry-mig", std::os::fd::AsFd::as_fd(&for_qemu)).await?;
-    qmp.give_fd(doubt::HOLD_FD, std::os::fd::AsFd::as_fd(&qemu)).await?;
-    drop(for_qemu);
+    let qemu = give_stream_socket(&mut qmp).await?;
     let dir = ctx.vms.dir(&req.vm);
     doubt::record(&dir, &migration, &req.to)?;
     if let Err(e) = qmp.execute("migrate", json!({"uri": "fd:ferry-mig"})).await {
@@ -593,6 +588,16 @@ async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, mig
         doubt::clear(&dir);
         return Err(e);
     }
+    Ok(qemu)
+}
+
+/// A socket pair for QEMU's stream, as `fd:ferry-mig`; the agent keeps the other end. QEMU
+/// also keeps a copy of the agent's end, so that the agent's death alone never makes QEMU give
+/// up and restart the VM (see doubt.rs).
+pub(super) async fn give_stream_socket(qmp: &mut crate::qmp::Qmp) -> Result<UnixStream> {
+    let (qemu, for_qemu) = UnixStream::pair()?;
+    qmp.give_fd("ferry-mig", std::os::fd::AsFd::as_fd(&for_qemu)).await?;
+    qmp.give_fd(doubt::HOLD_FD, std::os::fd::AsFd::as_fd(&qemu)).await?;
     Ok(qemu)
 }
 
@@ -946,7 +951,7 @@ async fn recover_source(ctx: &SourceContext<'_>, req: &MigrateRequest, migration
     let left = |state: String| Recovered { runs_here: false, state };
     let vm = req.vm.as_str();
     if let Some(status) = split_status(ctx, vm).await {
-        return left(format!("post-copy was under way (the source QEMU is {status}): the VM runs at {} but lacks pages only this site's QEMU holds, so both QEMUs are kept as they are; ferry cannot resume a post-copy move yet", req.to));
+        return left(format!("post-copy was under way (the source QEMU is {status}): the VM runs at {} but lacks pages only this site's QEMU holds, so both QEMUs are kept as they are", req.to));
     }
     if let Ok(mut q) = ctx.vms.qmp(vm).await {
         let _ = q.execute("migrate_cancel", json!({})).await;
