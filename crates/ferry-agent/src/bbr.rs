@@ -8,10 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 /// slow start, so a warm connection that carried one transfer (or the path probe's filler)
 /// starts the next at full rate.
 pub fn prefer(socket: &tokio::net::TcpSocket) {
-    const NAME: &[u8] = b"bbr";
-    // SAFETY: the fd is the socket's own; the option value is a byte string of that length.
-    let r = unsafe { libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, NAME.as_ptr().cast(), NAME.len() as libc::socklen_t) };
-    if r != 0 {
+    if choose(socket.as_raw_fd(), b"bbr") != 0 {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| tracing::info!("TCP BBR is not available here ({}): connections use the system's congestion control", std::io::Error::last_os_error()));
     }
@@ -63,9 +60,14 @@ pub fn restart(fd: RawFd) {
         return;
     }
     for name in [&b"reno"[..], b"bbr"] {
-        // SAFETY: the fd is a live TCP socket's; the option value is a byte string of that length.
-        unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) };
+        choose(fd, name);
     }
+}
+
+/// Sets the socket's congestion control by name; setsockopt's result.
+fn choose(fd: RawFd, name: &[u8]) -> libc::c_int {
+    // SAFETY: the fd is a live TCP socket's; the option value is a byte string of that length.
+    unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) }
 }
 
 #[cfg(test)]
