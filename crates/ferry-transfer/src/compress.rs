@@ -24,13 +24,46 @@ impl Compressor {
     }
 }
 
-/// Decompresses into `out`, which must come out exactly `raw_len` long.
-pub fn decompress_exact(data: &[u8], raw_len: usize, out: &mut Vec<u8>) -> Result<()> {
-    out.clear();
-    out.reserve(raw_len);
-    let n = zstd::bulk::Decompressor::new()?.decompress_to_buffer(data, out)?;
-    if n != raw_len {
-        bail!("chunk decompressed to {n} bytes, {raw_len} announced");
+/// Decompresses `data` and hands the result, which must come out exactly `raw_len` long, to
+/// `use_plain`. Each thread keeps one decompression context and one output buffer: a fresh
+/// context is a hundred KiB of tables, and a fresh chunk-sized buffer is memory the kernel must
+/// map and fault in again, per chunk.
+pub fn with_decompressed<R>(data: &[u8], raw_len: usize, use_plain: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+    thread_local! {
+        static DECOMPRESSION: std::cell::RefCell<Option<(zstd::bulk::Decompressor<'static>, Vec<u8>)>> = const { std::cell::RefCell::new(None) };
     }
-    Ok(())
+    DECOMPRESSION.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some((zstd::bulk::Decompressor::new()?, Vec::new()));
+        }
+        let (ctx, out) = d.as_mut().expect("set above");
+        out.clear();
+        out.reserve(raw_len);
+        let n = ctx.decompress_to_buffer(data, out)?;
+        if n != raw_len {
+            bail!("chunk decompressed to {n} bytes, {raw_len} announced");
+        }
+        use_plain(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_decompresses_to_its_announced_length_only() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut c = Compressor::new(1).unwrap();
+        let z = c.compress(&data).unwrap().expect("compressible").to_vec();
+        assert_eq!(with_decompressed(&z, data.len(), |p| Ok(p == &data[..])).unwrap(), true);
+        // The same thread again, with a shorter chunk: the kept buffer holds only the new one.
+        let short = &data[..1000];
+        let z2 = c.compress(short).unwrap().expect("compressible").to_vec();
+        assert_eq!(with_decompressed(&z2, short.len(), |p| Ok(p.to_vec())).unwrap(), short);
+        let err = with_decompressed(&z, data.len() - 1, |_| Ok(())).unwrap_err();
+        assert!(format!("{err:#}").contains("announced") || format!("{err:#}").contains("Destination buffer is too small"), "{err:#}");
+        assert!(with_decompressed(&z[..z.len() / 2], data.len(), |_| Ok(())).is_err(), "a truncated chunk is refused");
+    }
 }

@@ -3,7 +3,7 @@
 //! every arriving chunk against its ID before writing it; ACK a round when all of it is in
 //! place; at DONE, check the object digest and only then commit by rename.
 use crate::catalog;
-use crate::compress::decompress_exact;
+use crate::compress::with_decompressed;
 use crate::local::LocalChunks;
 use crate::manifest::ObjectDigest;
 use crate::progress::Progress;
@@ -401,18 +401,16 @@ impl Transfer {
             }
             b
         };
-        let mut plain = Vec::new();
-        let bytes: &[u8] = match encoding {
-            Encoding::Raw => data,
-            Encoding::Zstd => {
-                decompress_exact(data, raw_len as usize, &mut plain)?;
-                &plain
+        let check_and_write = |bytes: &[u8]| -> Result<()> {
+            if &self.hasher.id(bytes) != id {
+                bail!("chunk {index} of round {round} does not match its ID: refused");
             }
+            self.staging.write(block.offset, bytes)
         };
-        if &self.hasher.id(bytes) != id {
-            bail!("chunk {index} of round {round} does not match its ID: refused");
+        match encoding {
+            Encoding::Raw => check_and_write(data)?,
+            Encoding::Zstd => with_decompressed(data, raw_len as usize, check_and_write)?,
         }
-        self.staging.write(block.offset, bytes)?;
         let mut rounds = self.rounds.lock().unwrap();
         let r = rounds.get_mut(&round).unwrap();
         if !std::mem::replace(&mut r.missing[index as usize], false) {
