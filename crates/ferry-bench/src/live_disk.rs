@@ -53,8 +53,8 @@ pub struct LiveDiskBench {
     pub ring_span: u64,
     /// ferry's return trip after its move to b.
     pub return_trip: bool,
-    /// ferry's RAM migration runs beside the disks' bulk pass (`--overlap-disks`).
-    pub overlap_disks: bool,
+    /// ferry's moves send the disks' bulk pass before the RAM (`--disks-first`).
+    pub disks_first: bool,
 }
 
 /// The VM's name for ferry, and where its disk lives under a site's data directory (where
@@ -226,8 +226,8 @@ impl Moves<'_> {
         let kept_ring = work.join("ring-at-first-switchover.raw");
         let mut procs = SiteProcesses::new(&ctx.cfg.name, ctx.logs(run).join(if with_disk { "disk" } else { "diskless" }));
         let mut vm = SiteVm::new(&b.ferry_exe, VM);
-        if self.bench.overlap_disks {
-            vm.migrate_flags.push("--overlap-disks".into());
+        if self.bench.disks_first {
+            vm.migrate_flags.push("--disks-first".into());
         }
         let mut first_outside = None;
         let result = (|| -> Result<()> {

@@ -14,7 +14,7 @@ pub struct SiteVm {
     pub name: String,
     /// Raw disks the spec gives the VM (virtio, in this order), as paths at the starting site.
     pub disks: Vec<PathBuf>,
-    /// Flags every `ferry vm migrate` of this VM gets (e.g. `--overlap-disks`).
+    /// Flags every `ferry vm migrate` of this VM gets (e.g. `--disks-first`).
     pub migrate_flags: Vec<String>,
 }
 

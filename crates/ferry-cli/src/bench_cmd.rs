@@ -45,9 +45,10 @@ pub struct LiveArgs {
     /// With --disk: no return trip after ferry's move.
     #[arg(long, requires = "disk")]
     no_return: bool,
-    /// With --disk: ferry's moves run the RAM migration beside the disks' bulk pass.
+    /// With --disk: ferry's moves send the disks' bulk pass before the RAM (`vm migrate
+    /// --disks-first`) instead of beside it.
     #[arg(long, requires = "disk")]
-    overlap_disks: bool,
+    disks_first: bool,
     /// Runs of every method at each RTT (the median is reported).
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -156,7 +157,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 lab: a.lab,
             };
             if a.disk {
-                let disk = LiveDiskBench { live: bench, methods: disk_methods, disk_rate: a.disk_rate, ring_span: a.disk_span, return_trip: !a.no_return, overlap_disks: a.overlap_disks };
+                let disk = LiveDiskBench { live: bench, methods: disk_methods, disk_rate: a.disk_rate, ring_span: a.disk_span, return_trip: !a.no_return, disks_first: a.disks_first };
                 live_disk::run(&disk)?;
                 disk.live.out_dir
             } else {

@@ -61,10 +61,10 @@ enum VmCommand {
         /// destination only if they are equal (the pause grows by the time to read a disk).
         #[arg(long)]
         verify_disks: bool,
-        /// Run the RAM migration beside the disks' bulk pass instead of after it: faster at long
-        /// RTT, but a longer pause for clients at short RTT (measured in the README).
+        /// Send the disks' bulk pass whole before the RAM migration starts, instead of running
+        /// the two side by side (the default for raw disks; a qcow2 disk always goes first).
         #[arg(long)]
-        overlap_disks: bool,
+        disks_first: bool,
         /// Switch to post-copy once the first pass is done if the guest dirties memory about as
         /// fast as the path carries it (or pre-copy has not converged in 20 s): the VM then runs
         /// at the destination and fetches what it lacks from here. Until the last page arrives
@@ -114,8 +114,8 @@ pub fn run(a: VmArgs) -> Result<()> {
             }
             other => unexpected(other),
         },
-        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks, overlap_disks, postcopy } => {
-            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks, overlap_disks, postcopy });
+        VmCommand::Migrate { name, to, downtime, json, cold, grace, verify_disks, disks_first, postcopy } => {
+            let req = Request::Migrate(MigrateRequest { vm: name, to, downtime_ms: downtime.as_millis() as u32, cold, grace_ms: grace.as_millis() as u32, verify_disks, overlap_disks: !disks_first, postcopy });
             let mut on = |ev: &Event| {
                 if json {
                     return;

@@ -40,7 +40,8 @@ pub struct MigrateRequest {
     /// Hash every disk at both sites during the switchover pause (see `disks.rs`).
     #[serde(default)]
     pub verify_disks: bool,
-    /// The RAM migration runs beside the disks' bulk pass, not after it.
+    /// The RAM migration runs beside the disks' bulk pass, not after it (raw disks only; the
+    /// CLI asks for it unless told `--disks-first`).
     #[serde(default)]
     pub overlap_disks: bool,
     /// Switch to post-copy when pre-copy does not converge (see `postcopy.rs`).

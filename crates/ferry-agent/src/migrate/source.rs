@@ -445,10 +445,10 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         bail!("--postcopy moves diskless VMs only: {} has local disks, whose last writes must be at the destination before the VM runs there (it keeps running here)", req.vm);
     }
     let counter = Arc::new(WireCounter::default());
-    // Disks first: their bulk pass goes through the transfer engine while the VM runs on. Then
-    // the RAM migrates; or (`overlap_disks`) the destination's QEMU opens the files the pass
-    // fills, and the RAM migration starts as soon as the destination has opened them and runs
-    // beside the rest of the pass.
+    // Disks: their bulk pass goes through the transfer engine while the VM runs on. With
+    // `overlap_disks` (raw disks only) the destination's QEMU opens the files the pass fills,
+    // and the RAM migration starts as soon as the destination has opened them and runs beside
+    // the rest of the pass; otherwise the RAM migrates once the pass is committed.
     let mut disks = None;
     let mut bulk = None;
     let mut staged = Vec::new();
@@ -461,7 +461,7 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
         // again only once they are all there: its QEMU cannot open them before.
         let overlap = req.overlap_disks && spec.disks.iter().all(|d| d.format == "raw");
         if req.overlap_disks && !overlap {
-            tracing::info!(vm = %req.vm, "a qcow2 disk moves whole before the RAM: --overlap-disks does not apply");
+            tracing::info!(vm = %req.vm, "a qcow2 disk moves whole before the RAM: the RAM migration cannot run beside its bulk pass");
         }
         let ready = if overlap { staging_opened(opened, &mut pass).await } else { (&mut pass).await.map(|out| (Vec::new(), Some(out))) };
         match ready {
@@ -726,13 +726,14 @@ pub(super) async fn relay(
     let gate = Arc::new(SwitchoverGate::new(bulk.is_none()));
     let follow_gate = gate.clone();
     let follow_gate = &*follow_gate;
+    let follow_window = &*window;
     // A move with disks tells QEMU its switchover rate itself, once the bulk pass is done.
     let mut tell_rate = disks.is_none();
     let path_bps = ctx.warm.rate_bps(&req.to).map_or(ctx.cfg.link_rate_bps, |r| r.min(ctx.cfg.link_rate_bps));
     let mut told_rate = None;
     let follow = async move {
         match disks {
-            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging, follow_gate).await {
+            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging, follow_gate, follow_window).await {
                 Ok(()) => std::future::pending::<Result<()>>().await,
                 Err(e) => Err(e.context("keeping the destination's disks up to date")),
             },
