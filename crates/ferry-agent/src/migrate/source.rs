@@ -570,6 +570,9 @@ async fn staging_opened(mut opened: Vec<tokio::sync::watch::Receiver<Option<[u8;
     }
 }
 
+/// QEMU's own rate limit (bytes/s of its stream): none that matters; the window paces it.
+pub(super) const MAX_BANDWIDTH: u64 = 10 << 30;
+
 /// Points the source QEMU at a socket pair and starts its migration; returns the agent's end.
 async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, migration: MigrationId, rtt: Duration, with_disks: bool, hold: bool) -> Result<UnixStream> {
     let mut qmp = ctx.vms.qmp(&req.vm).await?;
@@ -579,7 +582,7 @@ async fn start_qemu_migration(ctx: &SourceContext<'_>, req: &MigrateRequest, mig
     // over, which the agent holds back (see `SwitchoverGate`); `downtime-limit` 0 besides.
     qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "return-path", "state": true}, {"capability": "pause-before-switchover", "state": with_disks}, {"capability": "switchover-ack", "state": hold}, {"capability": "postcopy-ram", "state": req.postcopy}]})).await?;
     let downtime_limit = if hold { 0 } else { downtime_limit_ms(req.downtime_ms, rtt) };
-    qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": 10u64 << 30, "zero-page-detection": "legacy"})).await?;
+    qmp.execute("migrate-set-parameters", json!({"downtime-limit": downtime_limit, "max-bandwidth": MAX_BANDWIDTH, "zero-page-detection": "legacy"})).await?;
     let qemu = give_stream_socket(&mut qmp).await?;
     let dir = ctx.vms.dir(&req.vm);
     doubt::record(&dir, &migration, &req.to)?;
