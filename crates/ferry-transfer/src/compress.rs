@@ -57,7 +57,7 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let mut c = Compressor::new(1).unwrap();
         let z = c.compress(&data).unwrap().expect("compressible").to_vec();
-        assert_eq!(with_decompressed(&z, data.len(), |p| Ok(p == &data[..])).unwrap(), true);
+        assert!(with_decompressed(&z, data.len(), |p| Ok(p == &data[..])).unwrap());
         // The same thread again, with a shorter chunk: the kept buffer holds only the new one.
         let short = &data[..1000];
         let z2 = c.compress(short).unwrap().expect("compressible").to_vec();

@@ -416,6 +416,7 @@ impl DiskMove {
     /// A bulk pass still under way finishes first; only then may QEMU switch over (it gets
     /// `limit_ms` back, and `converging` starts), and only then do dirty rounds begin: the
     /// destination's copy is committed, so no older block of the bulk pass can land on a record.
+    #[allow(clippy::too_many_arguments)] // the pump, the pass, and the relay's switchover state
     pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>, bulk: Option<BulkPass<'_>>, limit_ms: u64, converging: &Mutex<Option<Instant>>, gate: &super::source::SwitchoverGate, window: &super::window::StreamWindow) -> Result<()> {
         if let Some(pass) = bulk {
             let out = self.await_bulk(ctx, pass).await?;
