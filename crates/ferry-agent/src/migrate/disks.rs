@@ -416,8 +416,7 @@ impl DiskMove {
     /// A bulk pass still under way finishes first; only then may QEMU switch over (it gets
     /// `limit_ms` back, and `converging` starts), and only then do dirty rounds begin: the
     /// destination's copy is committed, so no older block of the bulk pass can land on a record.
-    #[allow(clippy::too_many_arguments)] // the pump, the pass, and the relay's switchover state
-    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>, bulk: Option<BulkPass<'_>>, limit_ms: u64, converging: &Mutex<Option<Instant>>, gate: &super::source::SwitchoverGate, window: &super::window::StreamWindow) -> Result<()> {
+    pub async fn follow(&mut self, ctx: &SourceContext<'_>, pump: std::sync::mpsc::SyncSender<PumpInput>, bulk: Option<BulkPass<'_>>, limit_ms: u64, converging: &Mutex<Option<Instant>>, gate: &super::source::SwitchoverGate) -> Result<()> {
         if let Some(pass) = bulk {
             let out = self.await_bulk(ctx, pass).await?;
             tracing::info!(vm = %self.vm, seconds = out.seconds, sent = out.sent, reused = out.reused, "the disks' bulk pass is committed at the destination");
@@ -447,7 +446,7 @@ impl DiskMove {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 synced = syncs(&ctx.vms.qmp(&self.vm).await?.migration().await?);
             }
-            tracing::info!(vm = %self.vm, syncs_before = before, syncs = synced, in_flight_mb = window.in_flight() as f64 / 1e6, waited_ms = waiting.elapsed().as_millis() as u64, "QEMU may switch over");
+            tracing::info!(vm = %self.vm, syncs_before = before, syncs = synced, waited_ms = waiting.elapsed().as_millis() as u64, "QEMU may switch over");
             gate.open();
             *converging.lock().unwrap() = Some(Instant::now());
         }

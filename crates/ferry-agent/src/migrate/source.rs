@@ -729,14 +729,13 @@ pub(super) async fn relay(
     let gate = Arc::new(SwitchoverGate::new(bulk.is_none()));
     let follow_gate = gate.clone();
     let follow_gate = &*follow_gate;
-    let follow_window = &*window;
     // A move with disks tells QEMU its switchover rate itself, once the bulk pass is done.
     let mut tell_rate = disks.is_none();
     let path_bps = ctx.warm.rate_bps(&req.to).map_or(ctx.cfg.link_rate_bps, |r| r.min(ctx.cfg.link_rate_bps));
     let mut told_rate = None;
     let follow = async move {
         match disks {
-            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging, follow_gate, follow_window).await {
+            Some(d) => match d.follow(ctx, disk_tx, bulk, limit, converging, follow_gate).await {
                 Ok(()) => std::future::pending::<Result<()>>().await,
                 Err(e) => Err(e.context("keeping the destination's disks up to date")),
             },
