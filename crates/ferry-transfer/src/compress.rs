@@ -24,27 +24,48 @@ impl Compressor {
     }
 }
 
-/// Decompresses `data` and hands the result, which must come out exactly `raw_len` long, to
-/// `use_plain`. Each thread keeps one decompression context and one output buffer: a fresh
-/// context is a hundred KiB of tables, and a fresh chunk-sized buffer is memory the kernel must
-/// map and fault in again, per chunk.
-pub fn with_decompressed<R>(data: &[u8], raw_len: usize, use_plain: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
-    thread_local! {
-        static DECOMPRESSION: std::cell::RefCell<Option<(zstd::bulk::Decompressor<'static>, Vec<u8>)>> = const { std::cell::RefCell::new(None) };
-    }
+thread_local! {
+    /// Each thread's decompression context (a fresh one is a hundred KiB of tables) and output
+    /// buffer for `with_decompressed`.
+    static DECOMPRESSION: std::cell::RefCell<Option<(zstd::bulk::Decompressor<'static>, Vec<u8>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's decompression context and output buffer.
+fn with_context<R>(f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>, &mut Vec<u8>) -> Result<R>) -> Result<R> {
     DECOMPRESSION.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
             *d = Some((zstd::bulk::Decompressor::new()?, Vec::new()));
         }
         let (ctx, out) = d.as_mut().expect("set above");
+        f(ctx, out)
+    })
+}
+
+/// Decompresses `data` and hands the result, which must come out exactly `raw_len` long, to
+/// `use_plain`, in the thread's own buffer: a fresh chunk-sized buffer is memory the kernel
+/// must map and fault in again, per chunk.
+pub fn with_decompressed<R>(data: &[u8], raw_len: usize, use_plain: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+    with_context(|ctx, out| {
         out.clear();
         out.reserve(raw_len);
         let n = ctx.decompress_to_buffer(data, out)?;
         if n != raw_len {
-            bail!("chunk decompressed to {n} bytes, {raw_len} announced");
+            bail!("decompressed to {n} bytes, {raw_len} announced");
         }
         use_plain(out)
+    })
+}
+
+/// Decompresses `data`, which must come out exactly `raw_len` long, into a buffer of its own
+/// (for a caller that keeps it).
+pub fn decompress_owned(data: &[u8], raw_len: usize) -> Result<Vec<u8>> {
+    with_context(|ctx, _| {
+        let out = ctx.decompress(data, raw_len)?;
+        if out.len() != raw_len {
+            bail!("decompressed to {} bytes, {raw_len} announced", out.len());
+        }
+        Ok(out)
     })
 }
 
@@ -65,5 +86,9 @@ mod tests {
         let err = with_decompressed(&z, data.len() - 1, |_| Ok(())).unwrap_err();
         assert!(format!("{err:#}").contains("announced") || format!("{err:#}").contains("Destination buffer is too small"), "{err:#}");
         assert!(with_decompressed(&z[..z.len() / 2], data.len(), |_| Ok(())).is_err(), "a truncated chunk is refused");
+        // The owned form, on the same thread's context.
+        assert_eq!(decompress_owned(&z, data.len()).unwrap(), data);
+        assert!(decompress_owned(&z2, short.len() + 1).is_err(), "one byte short of its announced length");
+        assert!(decompress_owned(&z[..z.len() / 2], data.len()).is_err());
     }
 }

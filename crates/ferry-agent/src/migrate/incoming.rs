@@ -342,7 +342,7 @@ where
             Message::StreamData { seq, encoding, raw_len, data, .. } => {
                 let raw = match encoding {
                     Encoding::Raw => data.to_vec(),
-                    Encoding::Zstd => tokio::task::spawn_blocking(move || decompress(&data, raw_len as usize)).await?.context("a batch does not decompress")?,
+                    Encoding::Zstd => tokio::task::spawn_blocking(move || ferry_transfer::compress::decompress_owned(&data, raw_len as usize)).await?.context("a batch does not decompress")?,
                 };
                 if raw.len() != raw_len as usize {
                     bail!("batch {seq} is {} bytes, announced {raw_len}", raw.len());
@@ -366,19 +366,6 @@ where
             bail!("the migration failed here");
         }
     }
-}
-
-fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
-    thread_local! {
-        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
-    }
-    DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
-        }
-        d.as_mut().unwrap().decompress(data, raw_len)
-    })
 }
 
 /// Starts QEMU waiting for the stream, connects to it, and starts the threads that write the
