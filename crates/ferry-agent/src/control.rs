@@ -50,6 +50,9 @@ pub struct SendRequest {
     /// The source is a running VM's disk (see `SendSpec::live`).
     #[serde(default)]
     pub live: bool,
+    /// Byte ranges whose blocks go first (`SendSpec::first`).
+    #[serde(default)]
+    pub first: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -208,7 +211,7 @@ pub(crate) async fn run_send(cfg: &AgentConfig, identity: &Identity, warm: &Warm
             let (conns, rtt, lease) = session::open_leased(cfg, identity, warm, &req.to, counter.clone()).await?;
             let connections = conns.len();
             let _ = events.send(Event::Started { size: meta.len(), connections, rtt_ms: rtt.as_secs_f64() * 1e3, attempt });
-            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live, observer: observer.clone() };
+            let spec = SendSpec { source: req.source.clone(), dest_path: req.dest_path.clone(), base: req.base.clone(), chunker: if req.cdc { Chunker::DEFAULT_CDC } else { Chunker::Fixed { block: req.block } }, zstd_level: req.zstd_level, transfer, tenant_key: cfg.tenant_key()?, live: req.live, first: req.first.clone(), observer: observer.clone() };
             let ticker = {
                 let (p, c, ev) = (attempt_progress.clone(), counter.clone(), events.clone());
                 tokio::spawn(async move {

@@ -321,7 +321,11 @@ impl Vms {
         let mut slot = qmp.clone().lock_owned().await;
         self.vms.lock().unwrap().insert(spec.name.clone(), Vm { spec: spec.clone(), pid, qmp });
         match Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(20)).await {
-            Ok(q) => {
+            Ok(mut q) => {
+                // An incoming VM starts recording once it runs (`incoming::watch_qemu`).
+                if !incoming {
+                    crate::migrate::disks::record_writes(&mut q, &spec.name, spec.disks.len()).await;
+                }
                 *slot = Some(q);
                 Ok(())
             }

@@ -196,7 +196,7 @@ pub fn image(cmd: ImageCommand) -> Result<()> {
         "cdc" => true,
         _ => !looks_like_disk_image(&source, a.block)?,
     };
-    let req = Request::Send(SendRequest { source, to: a.to, dest_path: a.dest_path, base: a.base, block: a.block, cdc, zstd_level: a.zstd_level, retries: a.retries, live: false });
+    let req = Request::Send(SendRequest { source, to: a.to, dest_path: a.dest_path, base: a.base, block: a.block, cdc, zstd_level: a.zstd_level, retries: a.retries, live: false, first: Vec::new() });
     let bar = (!a.json).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(

@@ -88,6 +88,12 @@ fn hash_range(path: &Path, start: u64, end: u64) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// How many MB of blocks the guest wrote led the last bulk pass an agent's log tells of (0 if none).
+fn written_mb_led(log: &str) -> f64 {
+    let line = log.lines().rev().find(|l| l.contains("the bulk pass leads with the blocks the guest wrote here")).unwrap_or_default();
+    line.split("written_mb=").nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
 #[test]
 fn a_guest_writing_to_its_disk_moves_with_the_disk_sending_only_what_differs() {
     let _serial = serial();
@@ -225,6 +231,8 @@ fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
     assert!(d["bulk_reused"].as_u64().unwrap() >= 56 << 20, "{d}");
     assert!(d["bulk_sent"].as_u64().unwrap() < 24 << 20, "{d}");
     assert!(sites.agent_log("a").contains("the RAM migration cannot run beside its bulk pass"), "{}", tail(&sites.agent_log("a")));
+    // What the guest wrote since it started (its ring) led the bulk pass.
+    assert!(written_mb_led(&sites.agent_log("a")) > 0.0, "{}", tail(&sites.agent_log("a")));
     let info: serde_json::Value = serde_json::from_str(&qemu_img(&["info", "--output", "json", "-U", disk_b.to_str().unwrap()])).unwrap();
     assert_eq!(info["format"], "qcow2", "{info}");
     assert_eq!(info["virtual-size"].as_u64(), Some(DISK), "{info}");
@@ -237,6 +245,8 @@ fn a_qcow2_disk_moves_live_there_and_back_and_stays_a_sparse_qcow2_image() {
     println!("b→a: {back}");
     assert_eq!(back["disks"]["verified"], true, "{back}");
     assert!(back["disks"]["bulk_reused"].as_u64().unwrap() >= 60 << 20, "{back}");
+    // b recorded what the guest wrote from the moment it ran there: that led the way back.
+    assert!(written_mb_led(&sites.agent_log("b")) > 0.0, "{}", tail(&sites.agent_log("b")));
     assert_eq!(qemu_copies(&sites), 1, "exactly one QEMU runs the VM");
     // The exports QEMU made for the move are gone at both sites.
     for site in ["a", "b"] {

@@ -427,21 +427,24 @@ impl Transfer {
             bail!("DONE says {size} bytes, OPEN said {}", self.staging.size());
         }
         let rounds = self.rounds.into_inner().unwrap();
-        let mut ours = ObjectDigest::new(&self.chunker, size);
         let mut all_blocks = Vec::new();
-        let mut expected_offset = 0u64;
         for (n, r) in &rounds {
             if r.missing_count != 0 || r.local_pending {
                 bail!("round {n} is incomplete at DONE ({} blocks missing): not committed", r.missing_count);
             }
-            for b in &r.blocks {
-                if b.offset != expected_offset {
-                    bail!("the rounds leave a gap or overlap at byte {expected_offset}: not committed");
-                }
-                ours.add(b);
-                expected_offset += b.len as u64;
-                all_blocks.push(*b);
+            all_blocks.extend_from_slice(&r.blocks);
+        }
+        // A sender may scan some blocks first (`SendSpec::first`): the object is its blocks in
+        // the object's order, whatever round carried them.
+        all_blocks.sort_unstable_by_key(|b| b.offset);
+        let mut ours = ObjectDigest::new(&self.chunker, size);
+        let mut expected_offset = 0u64;
+        for b in &all_blocks {
+            if b.offset != expected_offset {
+                bail!("the rounds leave a gap or overlap at byte {expected_offset}: not committed");
             }
+            ours.add(b);
+            expected_offset += b.len as u64;
         }
         if expected_offset != size {
             bail!("the rounds cover {expected_offset} of {size} bytes: not committed");

@@ -88,8 +88,14 @@ impl Chunker {
 
 /// Walks a file chunk by chunk in order, calling `visit` for each.
 pub fn scan(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHasher, visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
+    scan_first(file, size, chunker, &[], hasher, visit)
+}
+
+/// Like `scan`, but with fixed blocks, those overlapping `first` (byte ranges) come before the
+/// others (content-defined chunks cannot be cut out of order: they come in order).
+pub fn scan_first(file: &File, size: u64, chunker: Chunker, first: &[(u64, u64)], hasher: &ChunkHasher, visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
     match chunker {
-        Chunker::Fixed { block } => scan_blocks(file, size, block, hasher, visit),
+        Chunker::Fixed { block } => scan_blocks_first(file, size, block, first, hasher, visit),
         Chunker::Cdc { min, avg, max } => scan_cdc(file, size, (min as usize, avg as usize, max as usize), hasher, visit),
     }
 }
@@ -154,27 +160,62 @@ pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
 
 /// Walks a file block by block, calling `visit` for each block in order. Reads only the blocks
 /// that overlap data ranges; `buf` is reused (no allocation per block).
-pub fn scan_blocks(file: &File, size: u64, block: u32, hasher: &ChunkHasher, mut visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
-    let ranges = data_ranges(file, size)?;
+pub fn scan_blocks(file: &File, size: u64, block: u32, hasher: &ChunkHasher, visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
+    scan_blocks_first(file, size, block, &[], hasher, visit)
+}
+
+/// Walks a file block by block like `scan_blocks`, except that the blocks overlapping `first`
+/// (byte ranges: start, length) come before all the others, in order; every block comes once.
+pub fn scan_blocks_first(file: &File, size: u64, block: u32, first: &[(u64, u64)], hasher: &ChunkHasher, mut visit: impl FnMut(Block) -> Result<()>) -> Result<()> {
+    let data = data_ranges(file, size)?;
+    let blocks = size.div_ceil(block as u64);
+    let mut early: Vec<(u64, u64)> = first.iter().filter(|r| r.1 > 0).map(|&(start, len)| (start / block as u64, (start + len).div_ceil(block as u64).min(blocks))).filter(|(a, b)| a < b).collect();
+    early.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(early.len());
+    for (a, b) in early {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let mut rest = Vec::with_capacity(merged.len() + 1);
+    let mut at = 0;
+    for &(a, b) in &merged {
+        if a > at {
+            rest.push((at, a));
+        }
+        at = b;
+    }
+    if at < blocks {
+        rest.push((at, blocks));
+    }
     let mut buf = vec![0u8; block as usize];
-    let mut next_range = 0;
-    let mut offset = 0u64;
-    while offset < size {
+    for (a, b) in merged.into_iter().chain(rest) {
+        visit_blocks(file, size, block, a..b, &data, &mut buf, hasher, &mut visit)?;
+    }
+    Ok(())
+}
+
+/// Visits blocks `indices` (in order) of a file whose data lies in `data`.
+#[allow(clippy::too_many_arguments)] // the file, which blocks, where its data is, and the visit
+fn visit_blocks(file: &File, size: u64, block: u32, indices: std::ops::Range<u64>, data: &[(u64, u64)], buf: &mut [u8], hasher: &ChunkHasher, visit: &mut impl FnMut(Block) -> Result<()>) -> Result<()> {
+    let mut next_range = data.partition_point(|r| r.1 <= indices.start * block as u64);
+    for i in indices {
+        let offset = i * block as u64;
         let len = (size - offset).min(block as u64) as u32;
         let end = offset + len as u64;
-        while next_range < ranges.len() && ranges[next_range].1 <= offset {
+        while next_range < data.len() && data[next_range].1 <= offset {
             next_range += 1;
         }
-        let has_data = next_range < ranges.len() && ranges[next_range].0 < end;
+        let has_data = next_range < data.len() && data[next_range].0 < end;
         let id = if has_data {
-            let data = &mut buf[..len as usize];
-            file.read_exact_at(data, offset).with_context(|| format!("reading block at {offset}"))?;
-            (!is_zero(data)).then(|| hasher.id(data))
+            let bytes = &mut buf[..len as usize];
+            file.read_exact_at(bytes, offset).with_context(|| format!("reading block at {offset}"))?;
+            (!is_zero(bytes)).then(|| hasher.id(bytes))
         } else {
             None
         };
         visit(Block { offset, len, id })?;
-        offset = end;
     }
     Ok(())
 }
@@ -221,6 +262,39 @@ mod tests {
         let mut expect = vec![0u8; 65536];
         expect[..4096].fill(7);
         assert_eq!(blocks[2].id, Some(h.id(&expect)));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Ranges asked for first (unsorted, overlapping, unaligned, past the end) put their blocks
+    /// ahead in order; every block still comes exactly once, with the ID an ordered scan gives.
+    #[test]
+    fn blocks_asked_for_first_lead_and_every_block_comes_once() {
+        let path = temp("first");
+        let f = File::create(&path).unwrap();
+        f.set_len(10 * 65536 + 100).unwrap();
+        for i in 0..11u64 {
+            f.write_all_at(&[i as u8 + 1; 512], i * 65536).unwrap();
+        }
+        drop(f);
+        let f = File::open(&path).unwrap();
+        let (h, size) = (ChunkHasher::new([1; 32]), 10 * 65536 + 100);
+        let collect = |first: &[(u64, u64)]| {
+            let mut blocks = vec![];
+            scan_blocks_first(&f, size, 65536, first, &h, |b| {
+                blocks.push(b);
+                Ok(())
+            })
+            .unwrap();
+            blocks
+        };
+        let ordered = collect(&[]);
+        let led = collect(&[(7 * 65536 + 5, 2 * 65536), (3 * 65536, 1), (8 * 65536, 10), (10 * 65536 + 50, 1 << 30), (5 * 65536, 0)]);
+        let order: Vec<u64> = led.iter().map(|b| b.offset / 65536).collect();
+        assert_eq!(order, vec![3, 7, 8, 9, 10, 0, 1, 2, 4, 5, 6]);
+        let mut sorted = led.clone();
+        sorted.sort_by_key(|b| b.offset);
+        assert_eq!(sorted, ordered);
+        assert_eq!(ordered.last().unwrap().len, 100);
         std::fs::remove_file(path).unwrap();
     }
 

@@ -4,7 +4,7 @@
 use crate::compress::Compressor;
 use crate::manifest::ObjectDigest;
 use crate::progress::Progress;
-use crate::scan::{scan, Block, ChunkHasher, Chunker};
+use crate::scan::{scan_first, Block, ChunkHasher, Chunker};
 use crate::wire::{self, Conn};
 use anyhow::{bail, Context, Result};
 use ferry_proto::{Encoding, Message};
@@ -40,6 +40,9 @@ pub struct SendSpec {
     /// tracks): a block that no longer matches its announced ID goes as it is now, under its
     /// new ID, instead of failing the transfer.
     pub live: bool,
+    /// Byte ranges (start, length) whose blocks go before the rest (fixed blocks only): those
+    /// the caller wants at the receiver soonest.
+    pub first: Vec<(u64, u64)>,
     /// Told how the send goes (see `SendObserver`).
     pub observer: Option<Observer>,
 }
@@ -100,8 +103,8 @@ where
     let (round_tx, round_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
     let scanner = {
         let (file, progress, hasher) = (file.clone(), progress.clone(), ChunkHasher::new(spec.tenant_key));
-        let (chunker, live) = (spec.chunker, spec.live);
-        tokio::task::spawn_blocking(move || crate::priority::background(|| scan_into_rounds(&file, size, chunker, &hasher, &progress, round_tx, live)))
+        let (chunker, live, first) = (spec.chunker, spec.live, spec.first.clone());
+        tokio::task::spawn_blocking(move || crate::priority::background(|| scan_into_rounds(&file, size, chunker, &first, &hasher, &progress, round_tx, live)))
     };
     let changed: Arc<Changed> = Arc::default();
     let (chunk_tx, chunk_rx) = mpsc::channel::<Message>(CHUNK_QUEUE);
@@ -184,9 +187,7 @@ where
                 b.id = Some(id);
             }
         }
-        let mut d = ObjectDigest::new(&spec.chunker, size);
-        blocks.iter().for_each(|b| d.add(b));
-        digest = d.finish();
+        digest = digest_in_order(&spec.chunker, size, blocks);
     }
     let control = conns[0].as_mut().expect("connection 0 returned");
     if !done_sent {
@@ -222,15 +223,20 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Scans the object into rounds; returns its digest, the number of rounds and, for a live
-/// source, every block (whose IDs may still change before they are sent).
-fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>, live: bool) -> Result<([u8; 32], u64, Option<Vec<Block>>)> {
+/// source, every block in the order scanned (their IDs may still change before they are sent).
+#[allow(clippy::too_many_arguments)] // the object, how it is cut and in which order, and where rounds go
+fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, first: &[(u64, u64)], hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>, live: bool) -> Result<([u8; 32], u64, Option<Vec<Block>>)> {
+    // The digest takes the blocks in the object's order: blocks scanned out of order wait.
+    let in_order = first.is_empty();
     let mut digest = ObjectDigest::new(&chunker, size);
     let mut all = Vec::new();
     let mut current = Vec::with_capacity(ROUND_BLOCKS);
     let mut number = 0u64;
-    scan(file, size, chunker, hasher, |b| {
-        digest.add(&b);
-        if live {
+    scan_first(file, size, chunker, first, hasher, |b| {
+        if in_order {
+            digest.add(&b);
+        }
+        if live || !in_order {
             all.push(b);
         }
         progress.scanned.fetch_add(b.len as u64, Relaxed);
@@ -249,7 +255,19 @@ fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, hasher: &ChunkHash
         tx.blocking_send(Round { number, blocks: current }).map_err(|_| anyhow::anyhow!("transfer aborted"))?;
         number += 1;
     }
-    Ok((digest.finish(), number, live.then_some(all)))
+    if in_order {
+        return Ok((digest.finish(), number, live.then_some(all)));
+    }
+    let blocks = if live { all.clone() } else { std::mem::take(&mut all) };
+    Ok((digest_in_order(&chunker, size, blocks), number, live.then_some(all)))
+}
+
+/// The object digest of blocks in any order.
+fn digest_in_order(chunker: &Chunker, size: u64, mut blocks: Vec<Block>) -> [u8; 32] {
+    blocks.sort_unstable_by_key(|b| b.offset);
+    let mut d = ObjectDigest::new(chunker, size);
+    blocks.iter().for_each(|b| d.add(b));
+    d.finish()
 }
 
 struct WantJob {

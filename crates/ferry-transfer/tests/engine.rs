@@ -37,6 +37,10 @@ async fn transfer(data_dir: &Path, source: &Path, dest: &str, connections: usize
 }
 
 async fn transfer_with(data_dir: &Path, source: &Path, dest: &str, connections: usize, chunker: Chunker) -> anyhow::Result<Arc<Progress>> {
+    transfer_spec(data_dir, connections, SendSpec { source: source.into(), dest_path: dest.into(), base: None, chunker, zstd_level: 1, transfer: [7; 16], tenant_key: KEY, live: false, first: Vec::new(), observer: None }).await
+}
+
+async fn transfer_spec(data_dir: &Path, connections: usize, spec: SendSpec) -> anyhow::Result<Arc<Progress>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let session = Session::new(Arc::new(ReceiverConfig::new(data_dir.to_path_buf(), KEY)));
@@ -52,7 +56,6 @@ async fn transfer_with(data_dir: &Path, source: &Path, dest: &str, connections: 
     }
     server.await?;
     let progress = Arc::new(Progress::default());
-    let spec = SendSpec { source: source.into(), dest_path: dest.into(), base: None, chunker, zstd_level: 1, transfer: [7; 16], tenant_key: KEY, live: false, observer: None };
     sender::send(conns, spec, progress.clone()).await?;
     Ok(progress)
 }
@@ -74,6 +77,35 @@ async fn moves_an_image_then_only_its_changes() {
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());
     let changed_blocks = (0..200).filter(|i| i % 3 != 0 && i % 5 == 0).count() as u64;
     assert_eq!(p.wanted_raw.load(Relaxed), changed_blocks * 65536, "exactly the changed blocks were asked for");
+}
+
+/// Blocks asked for first (a live disk's recently written ones) go out before the others, and
+/// the object still commits whole and in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_asked_for_first_go_first_and_the_object_commits_whole() {
+    use ferry_transfer::sender::{Observer, SendObserver};
+    #[derive(Default)]
+    struct Order(std::sync::Mutex<Vec<u64>>);
+    impl SendObserver for Order {
+        fn sent(&self, _round: u64, offset: u64, _data: &[u8]) {
+            self.0.lock().unwrap().push(offset / 65536);
+        }
+    }
+    let d = dir("first");
+    let (src, data) = (d.join("src.raw"), d.join("data"));
+    // 600 blocks: three rounds; scanned in order, blocks 550-559 would be in the last.
+    write_image(&src, 600, 3);
+    let order = Arc::new(Order::default());
+    let first = vec![(550 * 65536, 10 * 65536), (20 * 65536 + 100, 1)];
+    let spec = SendSpec { source: src.clone(), dest_path: "img.raw".into(), base: None, chunker: Chunker::Fixed { block: 65536 }, zstd_level: 1, transfer: [7; 16], tenant_key: KEY, live: false, first, observer: Some(Observer(order.clone())) };
+    transfer_spec(&data, 2, spec).await.unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());
+    let sent = order.0.lock().unwrap().clone();
+    let early: Vec<u64> = [20].into_iter().chain(550..560).filter(|i| i % 3 != 0).collect();
+    let mut head = sent[..early.len()].to_vec();
+    head.sort_unstable();
+    assert_eq!(head, early, "the blocks asked for first were sent first: {sent:?}");
+    assert_eq!(sent.len(), (0..600).filter(|i| i % 3 != 0).count(), "every data block was sent once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +169,7 @@ async fn the_connections_of_a_finished_transfer_carry_the_next() {
         conns.push(Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec));
     }
     let served = server.await.unwrap();
-    let spec = |transfer: u8| SendSpec { source: src.clone(), dest_path: "img.raw".into(), base: None, chunker: Chunker::Fixed { block: 65536 }, zstd_level: 1, transfer: [transfer; 16], tenant_key: KEY, live: false, observer: None };
+    let spec = |transfer: u8| SendSpec { source: src.clone(), dest_path: "img.raw".into(), base: None, chunker: Chunker::Fixed { block: 65536 }, zstd_level: 1, transfer: [transfer; 16], tenant_key: KEY, live: false, first: Vec::new(), observer: None };
     let (first, mut conns) = sender::send(conns, spec(1), Arc::new(Progress::default())).await.unwrap();
     assert_eq!(conns.len(), connections, "every connection comes back");
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(data.join("img.raw")).unwrap());

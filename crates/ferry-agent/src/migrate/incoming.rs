@@ -681,6 +681,9 @@ async fn watch_qemu(shared: Arc<Shared>, inc: Arc<Incoming>) {
         if status.as_ref().is_ok_and(|s| s == "running") {
             inc.finish(true, String::new());
             unexport_views(&shared, &inc.vm).await;
+            if let (Ok(spec), Ok(mut qmp)) = (shared.vms.spec(&inc.vm), shared.vms.qmp(&inc.vm).await) {
+                super::disks::record_writes(&mut qmp, &inc.vm, spec.disks.len()).await;
+            }
             return;
         }
         if !status.as_ref().is_ok_and(|s| s == "loaded-not-started") {
