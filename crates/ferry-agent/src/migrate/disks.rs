@@ -513,21 +513,23 @@ impl DiskMove {
             // modest rate, QEMU stops the VM only with little left; one that does not converge
             // so gets a longer pause allowed later, as any migration does.
             let syncs = |m: &serde_json::Value| m["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-            let before = syncs(&ctx.vms.qmp(&self.vm).await?.migration().await?);
+            let now = ctx.vms.qmp(&self.vm).await?.migration().await?;
+            let (before, pass_done) = (syncs(&now), now["ram"]["remaining"].as_u64() == Some(0));
             ctx.vms.qmp(&self.vm).await?.execute("migrate-set-parameters", json!({"downtime-limit": limit_ms, "avail-switchover-bandwidth": SWITCHOVER_RATE, "max-bandwidth": super::source::MAX_BANDWIDTH})).await.context("letting QEMU switch over")?;
             // Held with a downtime limit of 0, QEMU never looked again for pages the guest
             // dirtied after its first pass (it syncs its dirty bitmap only once what is left
             // fits in a pause). Let go at once, it would stop the VM at once and send them all
             // in the pause (at 100 ms: 26 MB, and a 331 ms pause where 7 MB made 131 ms). With
             // its limit back it syncs within one of its 100 ms rounds; let go then, it sends
-            // what the sync found while the VM runs and converges as any migration does.
+            // what the sync found while the VM runs and converges as any migration does. A
+            // QEMU still in its first pass syncs at its end, as it would have anyway: no wait.
             let waiting = Instant::now();
             let mut synced = before;
-            while synced <= before && waiting.elapsed() < SYNC_AT_MOST {
+            while pass_done && synced <= before && waiting.elapsed() < SYNC_AT_MOST {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 synced = syncs(&ctx.vms.qmp(&self.vm).await?.migration().await?);
             }
-            tracing::info!(vm = %self.vm, syncs_before = before, syncs = synced, waited_ms = waiting.elapsed().as_millis() as u64, "QEMU may switch over");
+            tracing::info!(vm = %self.vm, pass_done, syncs_before = before, syncs = synced, waited_ms = waiting.elapsed().as_millis() as u64, "QEMU may switch over");
             gate.open();
             *converging.lock().unwrap() = Some(Instant::now());
         }
