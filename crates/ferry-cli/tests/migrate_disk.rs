@@ -325,6 +325,11 @@ fn assert_source_runs_on(sites: &Sites, out: std::process::Output, why: &str, ex
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{why}: the migration should fail:\n{}", text(&out));
     assert!(err.contains("keeps running here") && err.contains(expect_in_error), "{why}: {err}");
+    assert_source_still_runs(sites, why);
+}
+
+/// The guest runs on at a, still writing its disk, in the one QEMU that runs it.
+fn assert_source_still_runs(sites: &Sites, why: &str) {
     assert_eq!(states(sites, "a"), vec![("g1".to_string(), "running".to_string())], "{why}");
     let seq = disk_seq(sites, "a").unwrap();
     wait_disk_seq_past(sites, "a", seq + 1, Duration::from_secs(20));
@@ -346,6 +351,18 @@ fn a_full_destination_disk_or_a_cut_link_leave_the_source_running_on_its_intact_
     let spec = write_spec(&sites.root, &disk_a, "ferry.mem=128M ferry.dirty=1M ferry.mix=random:90,zero:10");
     vm_ok(&sites, "a", &["start", spec.to_str().unwrap()]);
     wait_disk_seq_past(&sites, "a", 3, Duration::from_secs(90));
+
+    // b runs a VM of that name, whose disk the move would replace: nothing moves (a set up
+    // the move while it asked, and undoes that).
+    write_disk(&disk_b, 16, 1);
+    let spec_b = write_spec(&sites.root, &disk_b, "ferry.mem=64M");
+    vm_ok(&sites, "b", &["start", spec_b.to_str().unwrap()]);
+    let out = vm(&sites, "a", &["migrate", "g1", "--to", "b"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("b already runs a VM named g1"), "{}", text(&out));
+    assert_eq!(states(&sites, "b"), vec![("g1".to_string(), "running".to_string())]);
+    vm_ok(&sites, "b", &["stop", "g1", "--force"]);
+    std::fs::remove_file(&disk_b).unwrap();
+    assert_source_still_runs(&sites, "b runs a VM of that name");
 
     // b's disk has room for less than the VM's disk holds. (Its agent restarts around the
     // mount: it runs in a mount namespace of its own, copied when it starts.)

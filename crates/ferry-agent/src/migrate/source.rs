@@ -453,8 +453,16 @@ pub async fn migrate_out(ctx: &SourceContext<'_>, req: MigrateRequest, events: m
     let mut bulk = None;
     let mut staged = Vec::new();
     if !spec.disks.is_empty() {
-        super::disks::refuse_if_destination_runs(ctx, &req.vm, &req.to).await?;
-        let mut mv = DiskMove::begin(ctx, &spec).await?;
+        // The question to the destination (a round trip) and the source's own set-up (QMP
+        // calls to a QEMU its guest keeps busy) go at once; a refusal undoes the set-up.
+        let (refused, begun) = tokio::join!(super::disks::refuse_if_destination_runs(ctx, &req.vm, &req.to), DiskMove::begin(ctx, &spec));
+        if let Err(e) = refused {
+            if let Ok(mv) = &begun {
+                mv.end_with(ctx).await;
+            }
+            return Err(e);
+        }
+        let mut mv = begun?;
         mv.verify = req.verify_disks;
         let (opened, mut pass) = mv.bulk(ctx, &req.to, &events);
         // A qcow2 disk's pass carries the guest's bytes, which the destination makes qcow2
