@@ -104,7 +104,7 @@ where
     let scanner = {
         let (file, progress, hasher) = (file.clone(), progress.clone(), ChunkHasher::new(spec.tenant_key));
         let (chunker, live, first) = (spec.chunker, spec.live, spec.first.clone());
-        tokio::task::spawn_blocking(move || crate::priority::background(|| scan_into_rounds(&file, size, chunker, &first, &hasher, &progress, round_tx, live)))
+        tokio::task::spawn_blocking(move || at_priority(live, || scan_into_rounds(&file, size, chunker, &first, &hasher, &progress, round_tx, live)))
     };
     let changed: Arc<Changed> = Arc::default();
     let (chunk_tx, chunk_rx) = mpsc::channel::<Message>(CHUNK_QUEUE);
@@ -113,9 +113,9 @@ where
     let workers: Vec<_> = (0..compression_workers())
         .map(|_| {
             let (rx, out, file, progress, transfer, level) = (want_rx.clone(), chunk_tx.clone(), file.clone(), progress.clone(), spec.transfer, spec.zstd_level);
-            let live = spec.live.then(|| (ChunkHasher::new(spec.tenant_key), changed.clone()));
+            let (urgent, live) = (spec.live, spec.live.then(|| (ChunkHasher::new(spec.tenant_key), changed.clone())));
             let observer = spec.observer.clone();
-            tokio::task::spawn_blocking(move || crate::priority::background(|| serve_wants(&rx, &out, &file, &progress, transfer, level, live, observer)))
+            tokio::task::spawn_blocking(move || at_priority(urgent, || serve_wants(&rx, &out, &file, &progress, transfer, level, live, observer)))
         })
         .collect();
     drop(chunk_tx);
@@ -211,6 +211,17 @@ where
     }
     let outcome = SendOutcome { size, digest: hex(&digest), rounds: round_count, seconds: started.elapsed().as_secs_f64() };
     Ok((outcome, conns.into_iter().flatten().collect()))
+}
+
+/// A live source's pass holds its VM's switchover back, so it runs at the priority of the
+/// migration stream beside it (at background priority the RAM's first pass was done 0.8-1.6 s
+/// before it, and waited); any other send yields to the agent's latency-bound work.
+fn at_priority<T>(live: bool, work: impl FnOnce() -> T) -> T {
+    if live {
+        work()
+    } else {
+        crate::priority::background(work)
+    }
 }
 
 /// Reading and compressing is the sender's CPU work; more workers than cores only adds threads.
