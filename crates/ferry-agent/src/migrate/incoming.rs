@@ -119,14 +119,17 @@ impl Incoming {
     /// `tell_source`, from a thread of stream generation `generation` (see
     /// `tell_source_blocking_in`).
     fn tell_source_in(&self, generation: u32, msg: Message) {
-        let outs = {
-            let outs = self.outs.lock().unwrap();
-            if self.generation.load(Relaxed) != generation {
-                return;
-            }
-            outs.clone()
-        };
-        Self::try_each(outs, msg);
+        if let Some(outs) = self.outs_in(generation) {
+            Self::try_each(outs, msg);
+        }
+    }
+
+    /// The session's writers, unless a resumption replaced stream generation `generation`
+    /// (checked under the writers' lock, which a resumption takes to clear them only after it
+    /// moved the generation on).
+    fn outs_in(&self, generation: u32) -> Option<Vec<mpsc::Sender<Message>>> {
+        let outs = self.outs.lock().unwrap();
+        (self.generation.load(Relaxed) == generation).then(|| outs.clone())
     }
 
     fn try_each(outs: Vec<mpsc::Sender<Message>>, msg: Message) {
@@ -572,16 +575,9 @@ async fn resume_incoming(shared: &Arc<Shared>, inc: &Arc<Incoming>) -> Result<By
 impl Incoming {
     /// From a thread of stream generation `generation`, which must not lose a byte of the
     /// return path: waits for room rather than drop. Sends nothing once a resumed session
-    /// replaced the generation (checked under the writers' lock, which a resumption takes to
-    /// clear them only after it moved the generation on), and then says false.
+    /// replaced the generation (`outs_in`), and then says false.
     fn tell_source_blocking_in(&self, generation: u32, msg: Message) -> bool {
-        let outs = {
-            let outs = self.outs.lock().unwrap();
-            if self.generation.load(Relaxed) != generation {
-                return false;
-            }
-            outs.clone()
-        };
+        let Some(outs) = self.outs_in(generation) else { return false };
         for out in outs {
             if out.blocking_send(msg.clone()).is_ok() {
                 break;
