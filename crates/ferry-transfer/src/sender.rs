@@ -168,27 +168,30 @@ where
         let shared = shared.clone();
         async move {
             let scanned = scanner.await.context("scanner panicked")??;
-            if early_done {
+            if let (true, Scanned::Digest(digest)) = (early_done, &scanned.0) {
                 let _ = shared.all_answered.subscribe().wait_for(|a| *a).await;
-                let _ = done_tx.send(Message::Done { transfer: spec.transfer, size, digest: scanned.0 });
+                let _ = done_tx.send(Message::Done { transfer: spec.transfer, size, digest: *digest });
             }
             Ok::<_, anyhow::Error>(scanned)
         }
     };
-    let ((mut conns, done_sent), (mut digest, round_count, scanned)) = tokio::try_join!(join_connections, announce_done)?;
+    let ((mut conns, done_sent), (scanned, round_count)) = tokio::try_join!(join_connections, announce_done)?;
     drop(shared);
     for w in workers {
         w.await.context("compression worker panicked")??;
     }
-    if let Some(mut blocks) = scanned {
-        // The digest names what was placed: a changed block under its new ID.
-        for ((round, index), id) in changed.lock().unwrap().drain() {
-            if let Some(b) = blocks.get_mut(round as usize * ROUND_BLOCKS + index as usize) {
-                b.id = Some(id);
+    let digest = match scanned {
+        Scanned::Digest(digest) => digest,
+        Scanned::Blocks(mut blocks) => {
+            // The digest names what was placed: a changed block under its new ID.
+            for ((round, index), id) in changed.lock().unwrap().drain() {
+                if let Some(b) = blocks.get_mut(round as usize * ROUND_BLOCKS + index as usize) {
+                    b.id = Some(id);
+                }
             }
+            digest_in_order(&spec.chunker, size, blocks)
         }
-        digest = digest_in_order(&spec.chunker, size, blocks);
-    }
+    };
     let control = conns[0].as_mut().expect("connection 0 returned");
     if !done_sent {
         control.send(Message::Done { transfer: spec.transfer, size, digest }).await?;
@@ -233,22 +236,28 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Scans the object into rounds; returns its digest, the number of rounds and, for a live
-/// source, every block in the order scanned (their IDs may still change before they are sent).
+/// What a scan leaves for DONE: the object digest, or, for a live source, every block in the
+/// order scanned (their IDs may still change before they are sent, so the digest waits).
+enum Scanned {
+    Digest([u8; 32]),
+    Blocks(Vec<Block>),
+}
+
+/// Scans the object into rounds; returns what DONE needs and the number of rounds.
 #[allow(clippy::too_many_arguments)] // the object, how it is cut and in which order, and where rounds go
-fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, first: &[(u64, u64)], hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>, live: bool) -> Result<([u8; 32], u64, Option<Vec<Block>>)> {
-    // The digest takes the blocks in the object's order: blocks scanned out of order wait.
-    let in_order = first.is_empty();
+fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, first: &[(u64, u64)], hasher: &ChunkHasher, progress: &Progress, tx: mpsc::Sender<Round>, live: bool) -> Result<(Scanned, u64)> {
+    // The digest takes the blocks in the object's order: blocks scanned out of order, or a live
+    // source's, are kept and digested at the end.
+    let keep = live || !first.is_empty();
     let mut digest = ObjectDigest::new(&chunker, size);
     let mut all = Vec::new();
     let mut current = Vec::with_capacity(ROUND_BLOCKS);
     let mut number = 0u64;
     scan_first(file, size, chunker, first, hasher, |b| {
-        if in_order {
-            digest.add(&b);
-        }
-        if live || !in_order {
+        if keep {
             all.push(b);
+        } else {
+            digest.add(&b);
         }
         progress.scanned.fetch_add(b.len as u64, Relaxed);
         if b.id.is_none() {
@@ -266,11 +275,12 @@ fn scan_into_rounds(file: &File, size: u64, chunker: Chunker, first: &[(u64, u64
         tx.blocking_send(Round { number, blocks: current }).map_err(|_| anyhow::anyhow!("transfer aborted"))?;
         number += 1;
     }
-    if in_order {
-        return Ok((digest.finish(), number, live.then_some(all)));
-    }
-    let blocks = if live { all.clone() } else { std::mem::take(&mut all) };
-    Ok((digest_in_order(&chunker, size, blocks), number, live.then_some(all)))
+    let scanned = match (live, keep) {
+        (true, _) => Scanned::Blocks(all),
+        (false, true) => Scanned::Digest(digest_in_order(&chunker, size, all)),
+        (false, false) => Scanned::Digest(digest.finish()),
+    };
+    Ok((scanned, number))
 }
 
 /// The object digest of blocks in any order.
