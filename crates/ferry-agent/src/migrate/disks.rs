@@ -320,9 +320,7 @@ async fn written_ranges(qmp: &mut crate::vm::QmpGuard, socket: &Path, disk: u8, 
         Ok(_) => {
             let (socket, name) = (socket.to_path_buf(), export.clone());
             let read = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64)>> {
-                let context = format!("qemu:dirty-bitmap:{WRITTEN_SNAPSHOT}");
-                let mut nbd = NbdClient::connect(&socket, &name, &[&context])?;
-                let ranges = nbd.dirty_ranges(&context)?;
+                let (nbd, ranges) = open_dirty(&socket, &name, WRITTEN_SNAPSHOT)?;
                 nbd.disconnect();
                 Ok(ranges)
             })
@@ -362,10 +360,14 @@ impl DiskMove {
         let mut mv = DiskMove { vm: spec.name.clone(), disks, dir: dir.clone(), nbd_socket, generation: 0, verify: false, summary: DiskSummary { disks: spec.disks.len(), ..Default::default() }, feed: Default::default(), key: ctx.cfg.tenant_key()? };
         // Left over from an attempt whose agent died: start clean.
         mv.end(&mut qmp).await;
+        // Nodes that record what the guest writes (`WRITTEN_BITMAP`).
+        let mut recorded = std::collections::HashSet::new();
         for b in blocks.as_array().into_iter().flatten() {
             let Some(node) = b["inserted"]["node-name"].as_str() else { continue };
             for name in b["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()) {
-                if name.starts_with("ferry-") && name != WRITTEN_BITMAP {
+                if name == WRITTEN_BITMAP {
+                    recorded.insert(node);
+                } else if name.starts_with("ferry-") {
                     let _ = qmp.execute("block-dirty-bitmap-remove", json!({"node": node, "name": name})).await;
                 }
             }
@@ -378,10 +380,9 @@ impl DiskMove {
             mv.end(&mut qmp).await;
             return Err(e.context("starting the source QEMU's NBD server"));
         }
-        let recorded = |name: &str| blocks.as_array().into_iter().flatten().any(|b| b["inserted"]["node-name"] == name && b["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten().any(|m| m["name"] == WRITTEN_BITMAP));
         for i in 0..mv.disks.len() {
             let d = &mv.disks[i];
-            if !recorded(&d.node) {
+            if !recorded.contains(d.node.as_str()) {
                 continue;
             }
             match written_ranges(&mut qmp, &mv.nbd_socket, d.index, &d.node).await {
@@ -645,11 +646,17 @@ fn export_id(disk: u8, generation: u32) -> String {
     format!("ferry-d{disk}-{generation}")
 }
 
-/// Reads the ranges a frozen bitmap marks and hands them to the pump as disk records.
-fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, key: &[u8; 32], pump: &std::sync::mpsc::SyncSender<PumpInput>) -> Result<u64> {
+/// Connects to QEMU's NBD export `export` of a frozen `bitmap` and reads the ranges it marks.
+fn open_dirty(socket: &Path, export: &str, bitmap: &str) -> Result<(NbdClient, Vec<(u64, u64)>)> {
     let context = format!("qemu:dirty-bitmap:{bitmap}");
     let mut nbd = NbdClient::connect(socket, export, &[&context])?;
     let ranges = nbd.dirty_ranges(&context)?;
+    Ok((nbd, ranges))
+}
+
+/// Reads the ranges a frozen bitmap marks and hands them to the pump as disk records.
+fn send_dirty(socket: &Path, disk: u8, export: &str, bitmap: &str, key: &[u8; 32], pump: &std::sync::mpsc::SyncSender<PumpInput>) -> Result<u64> {
+    let (mut nbd, ranges) = open_dirty(socket, export, bitmap)?;
     let mut enc = BatchEncoder::default();
     let mut pages = Vec::new();
     let mut buf = vec![0u8; READ_PIECE as usize];
